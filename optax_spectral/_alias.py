@@ -1,0 +1,91 @@
+"""``adamw2``: AdamW whose per-matrix step is bounded by its spectral norm."""
+
+from typing import Any, Callable
+
+import jax
+import optax
+
+from optax_spectral import _matrices
+from optax_spectral import _transform
+
+
+def adamw2(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    eps_root: jax.typing.ArrayLike = 0.0,
+    mu_dtype: Any | None = None,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+    *,
+    nesterov: bool = False,
+    tau: jax.typing.ArrayLike = _transform.DEFAULT_TAU,
+    num_iterations: int = _transform.DEFAULT_NUM_ITERATIONS,
+    num_iterations_first: int = _transform.DEFAULT_NUM_ITERATIONS_FIRST,
+    block_size: int = _transform.DEFAULT_BLOCK_SIZE,
+    max_extrapolation: jax.typing.ArrayLike = (
+        _transform.DEFAULT_MAX_EXTRAPOLATION),
+    dimension_numbers: _matrices.DimensionNumbersOrFn = None,
+    bound_vectors: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdamW², AdamW that trains Transformers without learning-rate warmup.
+
+  .. math::
+    Δ_t = -α_t (\hat m_t / (\sqrt{\hat v_t} + ε) + λ W_{t-1}), \quad
+    W_t = W_{t-1} + Δ_t \min\left(1, \frac{τ σ_1(W_{t-1})}{σ_1(Δ_t)}\right)
+
+  ``optax.adamw`` followed by :func:`scale_by_spectral_bound`: every weight
+  matrix's whole step, decoupled weight decay included, is at most ``tau``
+  times the matrix's spectral norm, so σ1 grows by at most ``1 + tau`` per
+  step. Swap it for ``optax.adamw`` and drop the warmup.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1: decay rate of the first moment.
+    b2: decay rate of the second moment.
+    eps: added to the denominator outside the square root.
+    eps_root: added to the denominator inside the square root.
+    mu_dtype: dtype of the first moment; ``None`` uses the params' dtype.
+    weight_decay: decoupled weight decay, a float or a schedule.
+    mask: which leaves get weight decay, as in ``optax.adamw``.
+    nesterov: use Nesterov momentum (NAdamW).
+    tau: the largest allowed ``σ1(Δ) / σ1(W)`` per step.
+    num_iterations: power iterations on the step per update.
+    num_iterations_first: power iterations on the first update.
+    block_size: vectors in the block power iteration on the step.
+    max_extrapolation: largest relative correction of the step's σ1 estimate.
+    dimension_numbers: which axes of each leaf form a matrix; see
+      :func:`scale_by_spectral_bound` and :func:`bounded_leaves`.
+    bound_vectors: also bound 1-D leaves by their L2 norm.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` requires params.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import optax_spectral
+    >>> params = {'w': jnp.eye(4), 'b': jnp.zeros(4)}
+    >>> tx = optax_spectral.adamw2(learning_rate=1e-2)  # was optax.adamw
+    >>> state = tx.init(params)
+    >>> grads = jax.grad(lambda p: jnp.sum((p['w'] + p['b']) ** 2))(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+
+  References:
+    Qi et al., `Taming Transformer Without Using Learning Rate Warmup
+    <https://arxiv.org/abs/2505.21910>`_, ICLR 2025.
+
+    Loshchilov and Hutter, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
+  """
+  return optax.chain(
+      optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                  mu_dtype=mu_dtype, weight_decay=weight_decay, mask=mask,
+                  nesterov=nesterov),
+      _transform.scale_by_spectral_bound(
+          tau, num_iterations=num_iterations,
+          num_iterations_first=num_iterations_first, block_size=block_size,
+          max_extrapolation=max_extrapolation,
+          dimension_numbers=dimension_numbers, bound_vectors=bound_vectors),
+  )
