@@ -23,6 +23,7 @@ def adamw2(
     tau: jax.typing.ArrayLike = _transform.DEFAULT_TAU,
     num_iterations: int = _transform.DEFAULT_NUM_ITERATIONS,
     num_iterations_first: int = _transform.DEFAULT_NUM_ITERATIONS_FIRST,
+    num_iterations_weight: int | None = None,
     block_size: int = _transform.DEFAULT_BLOCK_SIZE,
     max_extrapolation: jax.typing.ArrayLike = (
         _transform.DEFAULT_MAX_EXTRAPOLATION),
@@ -53,6 +54,8 @@ def adamw2(
     tau: the largest allowed ``σ1(Δ) / σ1(W)`` per step.
     num_iterations: power iterations on the step per update.
     num_iterations_first: power iterations on the first update.
+    num_iterations_weight: ``None`` (one product with ``W`` per update) or
+      full power iterations on ``W`` per update.
     block_size: vectors in the block power iteration on the step.
     max_extrapolation: largest relative correction of the step's σ1 estimate.
     dimension_numbers: which axes of each leaf form a matrix; see
@@ -85,7 +88,8 @@ def adamw2(
                   nesterov=nesterov),
       _transform.scale_by_spectral_bound(
           tau, num_iterations=num_iterations,
-          num_iterations_first=num_iterations_first, block_size=block_size,
+          num_iterations_first=num_iterations_first,
+          num_iterations_weight=num_iterations_weight, block_size=block_size,
           max_extrapolation=max_extrapolation,
           dimension_numbers=dimension_numbers, bound_vectors=bound_vectors),
   )

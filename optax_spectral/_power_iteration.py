@@ -88,8 +88,8 @@ def power_iteration(
       at least float32.
     u: warm-start (and fallback) left block, ``batch + (m, k)``, orthonormal.
     v: warm-start right block, ``batch + (n, k)``, orthonormal, ``k <= m``.
-    num_iterations: a Python int is unrolled; a traced integer (e.g. from
-      ``optax.inject_hyperparams``) runs a ``fori_loop``.
+    num_iterations: 1 or 2 are unrolled; more, or a traced integer (e.g.
+      from ``optax.inject_hyperparams``), run a ``fori_loop``.
 
   Returns:
     A :class:`PowerIterationResult`, blocks in the accumulation dtype.
@@ -113,8 +113,10 @@ def power_iteration(
     return sigma, sigma_half, u, v
 
   carry = (zeros, zeros, u.astype(acc), v.astype(acc))
-  if isinstance(num_iterations, int):
-    # Unrolled: on CPU a loop of one or two steps costs more than its body.
+  if isinstance(num_iterations, int) and num_iterations <= 2:
+    # Unrolled: a loop of one or two steps costs more than its body on CPU;
+    # longer loops stay loops, or the first step's 20 iterations would
+    # multiply the compile time.
     for i in range(num_iterations):
       carry = body(i, carry)
   else:

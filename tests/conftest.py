@@ -1,0 +1,27 @@
+"""Shared test helpers: planted-spectrum matrices and exact σ1."""
+
+import numpy as np
+import pytest
+
+
+def planted(rng, shape, top=3.0, rest=1.0):
+  """A random batch of matrices with σ1 = top and other σ <= rest."""
+  *batch, m, n = shape
+  k = min(m, n)
+  out = np.empty(shape)
+  for idx in np.ndindex(*batch):
+    u, _ = np.linalg.qr(rng.normal(size=(m, k)))
+    v, _ = np.linalg.qr(rng.normal(size=(n, k)))
+    s = np.concatenate([[top], rng.uniform(0.1, rest, k - 1)])
+    out[idx] = (u * s) @ v.T
+  return out
+
+
+def sigma1(x):
+  """Exact σ1 over the last two axes, in float64."""
+  return np.linalg.svd(np.asarray(x, np.float64), compute_uv=False)[..., 0]
+
+
+@pytest.fixture
+def rng():
+  return np.random.default_rng(0)

@@ -1,0 +1,175 @@
+"""scale_by_spectral_bound and adamw2 against exact SVD and numpy AdamW."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_spectral
+from optax_spectral import SpectralDimensionNumbers as D
+from conftest import planted, sigma1
+
+
+def _one_step(tx, updates, params):
+  state = tx.init(params)
+  return jax.jit(tx.update)(updates, state, params)
+
+
+@pytest.mark.parametrize('shape', [(24, 10), (10, 24)])
+@pytest.mark.parametrize('step_scale', [0.01, 1.0])
+def test_factor_matches_exact_svd(rng, shape, step_scale):
+  w = planted(rng, shape, top=2.0)
+  d = planted(rng, shape, top=3.0) * step_scale
+  tau = 0.1
+  out, state = _one_step(optax_spectral.scale_by_spectral_bound(tau),
+                         {'w': jnp.asarray(d, jnp.float32)},
+                         {'w': jnp.asarray(w, jnp.float32)})
+  factor = min(1.0, tau * sigma1(w) / sigma1(d))
+  np.testing.assert_allclose(out['w'], d * factor, rtol=1e-4, atol=1e-7)
+  stats = optax_spectral.spectral_stats(state)
+  np.testing.assert_allclose(stats['w/sigma_weight'], sigma1(w), rtol=1e-4)
+  np.testing.assert_allclose(stats['w/sigma_update'], sigma1(d), rtol=1e-4)
+  np.testing.assert_allclose(stats['w/factor'], factor, rtol=1e-4)
+
+
+def test_nd_leaves_are_batches_of_matrices(rng):
+  tau = 0.05
+  # (heads, d_in, layers, d_out): matrix axes 1 and 3, batch axes 0 and 2.
+  w_mats = planted(rng, (2, 3, 12, 8))
+  d_mats = planted(rng, (2, 3, 12, 8)) * rng.uniform(0.01, 1, (2, 3, 1, 1))
+  to_leaf = lambda x: np.transpose(x, (0, 2, 1, 3))
+  # And a stacked (layers, d_in, d_out) leaf under the default spec.
+  w3, d3 = planted(rng, (4, 6, 9)), planted(rng, (4, 6, 9))
+  params = {'a': jnp.asarray(to_leaf(w_mats), jnp.float32),
+            'b': jnp.asarray(w3, jnp.float32)}
+  updates = {'a': jnp.asarray(to_leaf(d_mats), jnp.float32),
+             'b': jnp.asarray(d3, jnp.float32)}
+  dims = {'a': D(reduction_axis=1, output_axis=3), 'b': D(1, 2)}
+  out, _ = _one_step(
+      optax_spectral.scale_by_spectral_bound(tau, dimension_numbers=dims),
+      updates, params)
+  factor = np.minimum(1, tau * sigma1(w_mats) / sigma1(d_mats))
+  np.testing.assert_allclose(out['a'], to_leaf(d_mats * factor[..., None,
+                                                               None]),
+                             rtol=1e-4, atol=1e-7)
+  out_default, _ = _one_step(optax_spectral.scale_by_spectral_bound(tau),
+                             updates, params)
+  factor3 = np.minimum(1, tau * sigma1(w3) / sigma1(d3))
+  np.testing.assert_allclose(out_default['b'], d3 * factor3[:, None, None],
+                             rtol=1e-4, atol=1e-7)
+
+
+def test_flattened_axes(rng):
+  # A fused kernel (d_model, heads, head_dim) bounded as one 8 x 12 matrix.
+  w, d = planted(rng, (8, 12)), planted(rng, (8, 12), top=9.0)
+  tx = optax_spectral.scale_by_spectral_bound(
+      0.1, dimension_numbers=D(reduction_axis=0, output_axis=(1, 2)))
+  out, _ = _one_step(tx, {'k': jnp.asarray(d.reshape(8, 3, 4), jnp.float32)},
+                     {'k': jnp.asarray(w.reshape(8, 3, 4), jnp.float32)})
+  factor = min(1, 0.1 * sigma1(w) / sigma1(d))
+  np.testing.assert_allclose(out['k'], (d * factor).reshape(8, 3, 4),
+                             rtol=1e-4)
+
+
+def test_vectors_pass_through_unless_asked(rng):
+  params = {'b': jnp.ones(5), 's': jnp.asarray(2.0)}
+  updates = {'b': jnp.full(5, 10.0), 's': jnp.asarray(5.0)}
+  out, _ = _one_step(optax_spectral.scale_by_spectral_bound(0.1), updates,
+                     params)
+  np.testing.assert_array_equal(out['b'], updates['b'])
+  np.testing.assert_array_equal(out['s'], updates['s'])
+  out, _ = _one_step(
+      optax_spectral.scale_by_spectral_bound(0.1, bound_vectors=True),
+      updates, params)
+  # 1-D leaves as 1 x n matrices: σ1 is the L2 norm; 0-D still passes.
+  np.testing.assert_allclose(out['b'], updates['b'] * 0.1 * np.sqrt(5)
+                             / np.sqrt(500), rtol=1e-5)
+  np.testing.assert_array_equal(out['s'], updates['s'])
+
+
+def _numpy_adamw2(w, grads, lr, tau, b1=0.9, b2=0.999, eps=1e-8, wd=1e-4):
+  """AdamW with the exact AdamW² bound, in float64."""
+  m = np.zeros_like(w)
+  v = np.zeros_like(w)
+  factors = []
+  for t, g in enumerate(grads, start=1):
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    step = -lr * ((m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+                  + wd * w)
+    factor = min(1.0, tau * sigma1(w) / sigma1(step))
+    factors.append(factor)
+    w = w + factor * step
+  return w, factors
+
+
+def test_adamw2_matches_numpy_reference(rng):
+  w0 = rng.normal(size=(12, 7)) * 0.3
+  target = rng.normal(size=(12, 7))
+  lr, tau, steps = 0.05, 0.03, 12
+  # Gradients of a fixed quadratic, replayed in numpy along JAX's path.
+  # Converged estimates on both sides, so that only the rule is compared.
+  tx = optax_spectral.adamw2(lr, tau=tau, num_iterations=30,
+                             num_iterations_weight=30, max_extrapolation=0.0)
+  params = {'w': jnp.asarray(w0, jnp.float32)}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  grads = []
+  for _ in range(steps):
+    g = np.asarray(params['w'], np.float64) - target
+    grads.append(g)
+    u, state = update({'w': jnp.asarray(g, jnp.float32)}, state, params)
+    params = optax.apply_updates(params, u)
+  w_ref, factors = _numpy_adamw2(w0, grads, lr, tau)
+  assert min(factors) < 0.9, 'the bound should be active in this test'
+  np.testing.assert_allclose(params['w'], w_ref, rtol=2e-4, atol=2e-5)
+
+
+def test_adamw2_without_bound_is_adamw(rng):
+  params = {'w': jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)}
+  grads = {'w': jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)}
+  out2, _ = _one_step(optax_spectral.adamw2(1e-4, tau=10.0), grads, params)
+  out, _ = _one_step(optax.adamw(1e-4), grads, params)
+  np.testing.assert_allclose(out2['w'], out['w'], rtol=1e-6)
+
+
+@pytest.mark.parametrize('schedule', [False, True])
+def test_both_placements_give_the_same_update(rng, schedule):
+  lr = optax.linear_schedule(3e-2, 1e-2, 5) if schedule else 2e-2
+  last = optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(1e-2),
+                     optax.scale_by_learning_rate(lr),
+                     optax_spectral.scale_by_spectral_bound(0.02))
+  early = optax.chain(
+      optax.scale_by_adam(), optax.add_decayed_weights(1e-2),
+      optax_spectral.scale_by_spectral_bound(0.02, learning_rate=lr),
+      optax.scale_by_learning_rate(lr))
+  params = {'w': jnp.asarray(planted(rng, (16, 9)), jnp.float32)}
+  sa, sb = last.init(params), early.init(params)
+  active = 0
+  for _ in range(6):
+    g = {'w': jnp.asarray(rng.normal(size=(16, 9)), jnp.float32)}
+    ua, sa = jax.jit(last.update)(g, sa, params)
+    ub, sb = jax.jit(early.update)(g, sb, params)
+    np.testing.assert_allclose(ua['w'], ub['w'], rtol=1e-5, atol=1e-8)
+    active += float(optax_spectral.spectral_stats(sa)['w/factor']) < 1
+    params = optax.apply_updates(params, ua)
+  assert active >= 3, 'the bound should be active in this test'
+
+
+def test_random_direction_gradients_stay_within_ten_percent(rng):
+  """Default settings: applied σ1(Δ) <= 1.1 τ σ1(W) after the fifth step."""
+  tau = 0.1
+  for shape in [(96, 96), (64, 160), (160, 64)]:
+    params = {'w': jnp.asarray(rng.normal(size=shape) * 0.02, jnp.float32)}
+    tx = optax_spectral.adamw2(0.1, tau=tau)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    ratios = []
+    for _ in range(25):
+      g = {'w': jnp.asarray(rng.normal(size=shape), jnp.float32)}
+      u, state = update(g, state, params)
+      ratios.append(sigma1(u['w']) / (tau * sigma1(params['w'])))
+      params = optax.apply_updates(params, u)
+    assert max(ratios[5:]) <= 1.1, (shape, max(ratios[5:]))
+    assert min(ratios[5:]) >= 0.85, 'bound should be active and not too tight'
