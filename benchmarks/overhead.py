@@ -1,0 +1,176 @@
+"""Cost of adamw2 against optax.adamw, measured side by side in one process.
+
+    python benchmarks/overhead.py                # ~5 minutes on 2 CPU cores
+    python benchmarks/overhead.py --quick        # small shapes, for CI/smoke
+
+Measures, as ratios against ``optax.adamw`` with interleaved repetitions:
+* the optimizer update + apply on a GPT-2-small-shaped param tree (124M
+  params, 12 layers), for several power-iteration settings;
+* one whole training step of the GPT example, and its compile time.
+Writes benchmarks/results/overhead.{md,json}.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_spectral
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def gpt2_params(n_layer=12, d=768, vocab=50304, block=1024):
+  """A param tree shaped like GPT-2 small (list of layers)."""
+  key = iter(jax.random.split(jax.random.key(0), 8 * n_layer + 4))
+  normal = lambda *shape: 0.02 * jax.random.normal(next(key), shape)
+  params = {'wte': normal(vocab, d), 'wpe': normal(block, d),
+            'ln_f': {'scale': jnp.ones(d), 'bias': jnp.zeros(d)}}
+  for i in range(n_layer):
+    params[f'h{i}'] = {
+        'ln1': {'scale': jnp.ones(d), 'bias': jnp.zeros(d)},
+        'qkv': {'kernel': normal(d, 3 * d), 'bias': jnp.zeros(3 * d)},
+        'proj': {'kernel': normal(d, d), 'bias': jnp.zeros(d)},
+        'ln2': {'scale': jnp.ones(d), 'bias': jnp.zeros(d)},
+        'fc': {'kernel': normal(d, 4 * d), 'bias': jnp.zeros(4 * d)},
+        'fc_out': {'kernel': normal(4 * d, d), 'bias': jnp.zeros(d)},
+    }
+  return params
+
+
+def time_interleaved(fns: dict, reps: int) -> dict:
+  """Median and spread (IQR) of each fn's wall time, calls interleaved."""
+  times = {k: [] for k in fns}
+  for _ in range(reps):
+    for k, f in fns.items():
+      t = time.perf_counter()
+      f()
+      times[k].append(time.perf_counter() - t)
+  return {k: {'median_s': float(np.median(v)),
+              'iqr_s': float(np.subtract(*np.percentile(v, [75, 25])))}
+          for k, v in times.items()}
+
+
+def update_benchmark(params, variants: dict, reps: int):
+  fns = {}
+  for name, tx in variants.items():
+    state = tx.init(params)
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1),
+                                                     p.shape, p.dtype) * 1e-2,
+                         params)
+
+    @jax.jit
+    def step(p, s, g, tx=tx):
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    p_copy = jax.tree.map(jnp.copy, params)
+    p_copy, state = step(p_copy, state, grads)  # compile, and first step
+    p_copy, state = step(p_copy, state, grads)
+    box = [p_copy, state]
+
+    def run(step=step, box=box, grads=grads):
+      box[0], box[1] = jax.block_until_ready(step(box[0], box[1], grads))
+
+    fns[name] = run
+  return time_interleaved(fns, reps)
+
+
+def train_step_benchmark(reps: int, preset: str):
+  sys.path.insert(0, os.path.join(HERE, '..', 'examples'))
+  import common  # pylint: disable=g-import-not-at-top
+  import gpt  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  data = common.CharData(common.pydoc_text())
+  cfg = gpt.PRESETS[preset]
+  cfg = type(cfg)(**{**cfg.__dict__, 'vocab_size': data.vocab_size})
+  x, y = data.batch(np.random.default_rng(0), 32, cfg.block_size)
+  fns, compile_s = {}, {}
+  for name in ('adamw', 'adamw2'):
+    model = gpt.GPT(cfg, nnx.Rngs(0))
+    opt = nnx.Optimizer(model, common.make_optimizer(
+        common.OptimizerConfig(name=name)), wrt=nnx.Param)
+    # A fresh jit per optimizer, so compile time is measured for each.
+    step = nnx.jit(gpt.train_step.__wrapped__ if hasattr(
+        gpt.train_step, '__wrapped__') else gpt.train_step)
+    t = time.perf_counter()
+    jax.block_until_ready(step(model, opt, x, y))
+    compile_s[name] = time.perf_counter() - t
+    fns[name] = (lambda step=step, model=model, opt=opt:
+                 jax.block_until_ready(step(model, opt, x, y)))
+    fns[name]()
+  return time_interleaved(fns, reps), compile_s
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__)
+  p.add_argument('--quick', action='store_true')
+  p.add_argument('--reps', type=int, default=None)
+  p.add_argument('--out', default=os.path.join(HERE, 'results', 'overhead'))
+  args = p.parse_args()
+  reps = args.reps or (5 if args.quick else 15)
+  params = (gpt2_params(n_layer=2, d=128, vocab=1024, block=128)
+            if args.quick else gpt2_params())
+  n = sum(x.size for x in jax.tree.leaves(params))
+  lr = 1e-3
+  variants = {
+      'optax.adamw': optax.adamw(lr),
+      'adamw2 (default)': optax_spectral.adamw2(lr),
+      'adamw2 num_iterations=2': optax_spectral.adamw2(lr, num_iterations=2),
+      'adamw2 num_iterations=3': optax_spectral.adamw2(lr, num_iterations=3),
+      'adamw2 block_size=1': optax_spectral.adamw2(lr, block_size=1),
+      'adamw2 num_iterations_weight=1': optax_spectral.adamw2(
+          lr, num_iterations_weight=1),
+      'optax.adamw + clip_by_global_norm': optax.chain(
+          optax.clip_by_global_norm(1.0), optax.adamw(lr)),
+      'optax.lamb': optax.lamb(lr),
+  }
+  update = update_benchmark(params, variants, reps)
+  base = update['optax.adamw']['median_s']
+  step, compile_s = train_step_benchmark(reps, 'tiny' if args.quick
+                                         else 'small')
+  result = {
+      'device': jax.devices()[0].device_kind, 'platform': platform.platform(),
+      'cpu_count': os.cpu_count(), 'jax': jax.__version__,
+      'params': int(n), 'reps': reps,
+      'update': {k: {**v, 'ratio': v['median_s'] / base}
+                 for k, v in update.items()},
+      'train_step': {k: {**v, 'ratio': v['median_s'] /
+                         step['adamw']['median_s']} for k, v in step.items()},
+      'compile_s': {k: {'seconds': v, 'ratio': v / compile_s['adamw']}
+                    for k, v in compile_s.items()},
+  }
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out + '.json', 'w') as f:
+    json.dump(result, f, indent=1)
+  lines = [f"# Overhead against optax.adamw ({result['device']}, "
+           f"{result['cpu_count']} cores, jax {result['jax']})", '',
+           f'Optimizer update + apply, {n / 1e6:.0f}M params '
+           f'(GPT-2-small shapes), median of {reps} interleaved reps:', '',
+           '| optimizer | median ms | IQR ms | ratio |', '|---|---|---|---|']
+  for k, v in result['update'].items():
+    lines.append(f"| {k} | {1e3 * v['median_s']:.1f} | {1e3 * v['iqr_s']:.1f}"
+                 f" | {v['ratio']:.3f} |")
+  lines += ['', 'Whole training step of the GPT example and its compile '
+            'time:', '', '| optimizer | step ms | ratio | compile s | ratio |',
+            '|---|---|---|---|---|']
+  for k in step:
+    lines.append(
+        f"| {k} | {1e3 * step[k]['median_s']:.1f} | "
+        f"{result['train_step'][k]['ratio']:.3f} | {compile_s[k]:.2f} | "
+        f"{result['compile_s'][k]['ratio']:.2f} |")
+  text = '\n'.join(lines) + '\n'
+  with open(args.out + '.md', 'w') as f:
+    f.write(text)
+  print(text)
+
+
+if __name__ == '__main__':
+  main()
