@@ -30,11 +30,10 @@ class SpectralMatrixState(NamedTuple):
   """State of one bounded leaf (a batch of matrices, ``batch`` may be ``()``).
 
   Attributes:
-    weight_u: left singular vector of ``W``, ``batch + (short, 1)``, for the
-      matrix oriented wide (see ``MatrixView.to_matrices``).
-    weight_v: right singular vector of ``W``, ``batch + (long, 1)``.
-    update_u: left block of the step, ``batch + (short, block_size)``.
-    update_v: right block of the step, ``batch + (long, block_size)``.
+    weight_u: left singular vector of ``W``, ``batch + (rows, 1)``.
+    weight_v: right singular vector of ``W``, ``batch + (cols, 1)``.
+    update_u: left block of the step, ``batch + (rows, block_size)``.
+    update_v: right block of the step, ``batch + (cols, block_size)``.
     sigma_weight: last step's estimate of σ1(W), float32, ``batch``.
     sigma_update: last step's estimate of σ1 of the unbounded step, float32.
     factor: last step's applied factor ``min(1, τ σ1(W) / σ1(Δ))``, float32.
@@ -195,15 +194,15 @@ def scale_by_spectral_bound(
     for i, (name, view) in enumerate(views_of(params).items()):
       dtype = leaves[name].dtype
       b = view.batch_shape
-      short, long = view.oriented
-      k = min(block_size, short)
+      m, n = view.rows, view.cols
+      k = min(block_size, m, n)
       keys = jax.random.split(jax.random.fold_in(key, i), 4)
       zeros = jnp.zeros(b, jnp.float32)
       matrices[name] = SpectralMatrixState(
-          weight_u=_orthonormal_block(keys[0], b + (short, 1), dtype),
-          weight_v=_orthonormal_block(keys[1], b + (long, 1), dtype),
-          update_u=_orthonormal_block(keys[2], b + (short, k), dtype),
-          update_v=_orthonormal_block(keys[3], b + (long, k), dtype),
+          weight_u=_orthonormal_block(keys[0], b + (m, 1), dtype),
+          weight_v=_orthonormal_block(keys[1], b + (n, 1), dtype),
+          update_u=_orthonormal_block(keys[2], b + (m, k), dtype),
+          update_v=_orthonormal_block(keys[3], b + (n, k), dtype),
           sigma_weight=zeros, sigma_update=zeros,
           factor=jnp.ones(b, jnp.float32))
     return ScaleBySpectralBoundState(count=jnp.zeros([], jnp.int32),
@@ -216,7 +215,7 @@ def scale_by_spectral_bound(
           'scale_by_spectral_bound bounds each step by σ1 of the params: call '
           'update(updates, state, params) with the params before this step.')
     views = views_of(params)
-    shapes = {n: v.batch_shape + v.oriented for n, v in views.items()}
+    shapes = {n: v.batch_shape + (v.rows, v.cols) for n, v in views.items()}
     state_shapes = {n: m.weight_u.shape[:-1] + m.weight_v.shape[-2:-1]
                     for n, m in state.matrices.items()}
     if shapes != state_shapes:

@@ -1,6 +1,15 @@
 """Shared test helpers: planted-spectrum matrices and exact σ1."""
 
-import numpy as np
+import os
+
+# Eight simulated CPU devices for the sharding tests; must precede `import
+# jax`. Single-device tests run on the first device as usual.
+if 'xla_force_host_platform_device_count' not in os.environ.get(
+    'XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_force_host_platform_device_count=8')
+
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest
 
 
