@@ -113,6 +113,7 @@ def test_adamw2_matches_numpy_reference(rng):
   # Gradients of a fixed quadratic, replayed in numpy along JAX's path.
   # Converged estimates on both sides, so that only the rule is compared.
   tx = optax_spectral.adamw2(lr, tau=tau, num_iterations=30,
+                             num_iterations_first=100,
                              num_iterations_weight=30, max_extrapolation=0.0)
   params = {'w': jnp.asarray(w0, jnp.float32)}
   state = tx.init(params)
