@@ -132,7 +132,7 @@ def main():
   p.add_argument('--quick', action='store_true')
   p.add_argument('--steps', type=int, default=None)
   p.add_argument('--lr', type=float, default=1e-2)
-  p.add_argument('--tau', type=float, default=0.1)
+  p.add_argument('--tau', type=float, default=0.02)
   p.add_argument('--out', default=os.path.join(HERE, 'results', 'accuracy'))
   args = p.parse_args()
   steps = args.steps or (40 if args.quick else 300)
