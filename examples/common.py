@@ -5,15 +5,14 @@ Kept small on purpose: copy it with an example into your own project.
 
 import dataclasses
 import math
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 import optax_spectral
+from optax_spectral import diagnostics
 
 
 # --- data -------------------------------------------------------------------
@@ -74,9 +73,8 @@ def causal_attention(q, k, v):
   mask = jnp.tril(jnp.ones((t, t), bool))
   logits = jnp.where(mask, logits.astype(jnp.float32), -jnp.inf)
   probs = jax.nn.softmax(logits, axis=-1)
-  entropy = -jnp.sum(jnp.where(mask, probs * jnp.log(probs + 1e-30), 0), -1)
   out = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
-  return out, entropy.mean(axis=(0, 2))
+  return out, diagnostics.attention_entropy(probs).mean(axis=(0, 2))
 
 
 # --- optimizers ---------------------------------------------------------------
@@ -114,12 +112,11 @@ def make_optimizer(cfg: OptimizerConfig, dimension_numbers=None):
 
 
 def bound_summary(opt_state) -> dict[str, float]:
-  """Fraction of bounded matrices whose bound was active, smallest factor."""
+  """Fraction of matrices whose step the bound shrank, and the smallest factor
+  (zero and one for plain adamw, which has no bound)."""
   try:
-    stats = optax_spectral.spectral_stats(opt_state)
+    summary = diagnostics.bound_summary(opt_state)
   except ValueError:  # plain adamw
     return {'bound_active': 0.0, 'min_factor': 1.0}
-  factors = np.concatenate([np.ravel(np.asarray(v)) for k, v in stats.items()
-                            if k.endswith('/factor')])
-  return {'bound_active': float(np.mean(factors < 1)),
-          'min_factor': float(factors.min())}
+  return {'bound_active': summary['bound_fraction'],
+          'min_factor': summary['min_factor']}

@@ -8,9 +8,9 @@ import argparse
 import dataclasses
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 import common
@@ -77,14 +77,9 @@ class GPT(nnx.Module):
 
 def loss_fn(model, x, y):
   logits, entropy = model(x)
-  loss = optax_softmax_ce(logits, y)
+  loss = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), y).mean()
   return loss, entropy
-
-
-def optax_softmax_ce(logits, labels):
-  import optax  # pylint: disable=g-import-not-at-top
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels).mean()
 
 
 @nnx.jit
