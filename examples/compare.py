@@ -49,7 +49,7 @@ def plot(results, path, title):
               '(near 0 = attention collapsed onto one token)',
               xlabel='step', ylabel='nats', ylim=(0, None))
   axes[2].set(title='fraction of weight matrices whose step\n'
-              'was shrunk by the spectral bound', xlabel='step',
+              'was shrunk by the spectral bound (adamw: none)', xlabel='step',
               ylim=(-0.02, 1.02))
   for ax in axes:
     ax.grid(alpha=0.3)
