@@ -49,22 +49,23 @@ def sigma1(x):
 
 
 def run(setting, steps, preset, lr, tau):
-  data = common.CharData(common.pydoc_text())
+  data = gpt.CharData(gpt.pydoc_text())
   cfg = gpt.PRESETS[preset]
   cfg = type(cfg)(**{**cfg.__dict__, 'vocab_size': data.vocab_size})
+  jax.set_mesh(common.make_mesh())  # the model is annotated
   model = gpt.GPT(cfg, nnx.Rngs(0))
   # The examples' adamw2 settings (common.make_optimizer), with the
   # estimator settings under test.
   tx = optax_spectral.adamw2(
       optax.cosine_decay_schedule(lr, steps, alpha=0.1), b2=0.95,
       weight_decay=0.1, tau=tau, **SETTINGS[setting],
-      mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+      mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
+      dimension_numbers=common.dimension_numbers)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  rng = np.random.default_rng(0)
   rows = []
   for step in range(steps):
     before = kernels(model)
-    x, y = data.batch(rng, 32, cfg.block_size)
+    x, y = data.batch(np.random.default_rng([0, step]), 32, cfg.block_size)
     gpt.train_step(model, optimizer, x, y)
     after = kernels(model)
     stats = optax_spectral.spectral_stats(optimizer.opt_state)

@@ -39,7 +39,7 @@ def main():
   p.add_argument('--warmup', type=int, default=100)
   p.add_argument('--out', default=os.path.join(HERE, 'results', 'defaults'))
   args = p.parse_args()
-  data = common.CharData(common.pydoc_text())
+  data = gpt.CharData(gpt.pydoc_text())
   runs = []
   for lr in args.lrs:
     grid = [('adamw', 0, None), ('adamw', args.warmup, None)] + [
@@ -48,7 +48,7 @@ def main():
       cfg = common.OptimizerConfig(name=name, lr=lr, warmup_steps=warmup,
                                    tau=tau, steps=args.steps)
       t0 = time.time()
-      history = gpt.train(cfg, gpt.PRESETS['small'], data, log_every=1)
+      _, history = gpt.train(cfg, gpt.PRESETS['small'], data)
       row = {'optimizer': name, 'lr': lr, 'warmup': warmup, 'tau': tau,
              **summarize(history), 'seconds': time.time() - t0}
       print(json.dumps(row), flush=True)

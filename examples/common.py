@@ -1,80 +1,112 @@
-"""What the examples share: data, optimizers, attention entropy, the loop.
+"""What the examples share: the transformer block, optimizers, the mesh, and
+the training loop (progress bar, CSV and TensorBoard logs, orbax checkpoints).
 
 Kept small on purpose: copy it with an example into your own project.
 """
 
+import csv
 import dataclasses
+import json
 import math
+import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import optax_spectral
 from optax_spectral import diagnostics
 
-
-# --- data -------------------------------------------------------------------
-
-def pydoc_text() -> str:
-  """About 465K characters of English: CPython's own help topics, offline."""
-  from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
-  return '\n'.join(topics[k] for k in sorted(topics))
+# Params are sharded FSDP-style over the one mesh axis, which also splits the
+# batch (data parallel): on one device both are no-ops.
+AXIS = 'fsdp'
 
 
-class CharData:
-  """A character-level corpus split 90/10 into train and validation."""
-
-  def __init__(self, text: str):
-    if len(text) < 100:
-      raise ValueError(f'need at least 100 characters of text, got '
-                       f'{len(text)}')
-    self.chars = sorted(set(text))
-    self.index = {c: i for i, c in enumerate(self.chars)}
-    data = np.array([self.index[c] for c in text], np.int32)
-    split = int(0.9 * len(data))
-    self.train, self.val = data[:split], data[split:]
-
-  @property
-  def vocab_size(self) -> int:
-    return len(self.chars)
-
-  def batch(self, rng: np.random.Generator, batch_size: int, block: int,
-            split: str = 'train') -> tuple[np.ndarray, np.ndarray]:
-    data = self.train if split == 'train' else self.val
-    if len(data) <= block + 1:
-      raise ValueError(f'{split} split has {len(data)} tokens, fewer than '
-                       f'block size {block} + 1')
-    start = rng.integers(0, len(data) - block - 1, batch_size)
-    x = np.stack([data[s:s + block] for s in start])
-    y = np.stack([data[s + 1:s + block + 1] for s in start])
-    return x, y
-
-  def decode(self, ids) -> str:
-    return ''.join(self.chars[int(i)] for i in ids)
+def sharded(init, names):
+  return nnx.with_partitioning(init, names)
 
 
-# --- attention ----------------------------------------------------------------
+# --- model --------------------------------------------------------------------
 
-def causal_attention(q, k, v):
-  """Causal softmax attention that also returns each head's entropy.
+def attention(q, k, v, causal: bool):
+  """Softmax attention that also returns each head's mean entropy (nats).
 
-  Args:
-    q, k, v: ``(batch, time, heads, head_dim)``.
-
-  Returns:
-    ``(out, entropy)``: ``out`` like ``q``; ``entropy`` of shape ``(heads,)``,
-    the attention entropy in nats averaged over batch and queries. The paper's
-    crash signal is this entropy collapsing towards 0.
+  ``q, k, v``: ``(batch, time, heads, head_dim)``. The paper's crash signal is
+  the entropy collapsing towards 0: each query attends to a single key.
   """
   t = q.shape[1]
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(q.shape[-1])
-  mask = jnp.tril(jnp.ones((t, t), bool))
-  logits = jnp.where(mask, logits.astype(jnp.float32), -jnp.inf)
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
+  logits /= math.sqrt(q.shape[-1])
+  if causal:
+    logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, -jnp.inf)
   probs = jax.nn.softmax(logits, axis=-1)
   out = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
   return out, diagnostics.attention_entropy(probs).mean(axis=(0, 2))
+
+
+class Block(nnx.Module):
+  """Pre-LN transformer block: self-attention and a GELU MLP."""
+
+  def __init__(self, d: int, n_head: int, causal: bool, rngs: nnx.Rngs):
+    self.n_head, self.causal = n_head, causal
+    kernel = sharded(nnx.initializers.lecun_normal(), (AXIS, None))
+    linear = lambda i, o: nnx.Linear(i, o, kernel_init=kernel, rngs=rngs)
+    self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+    self.qkv = linear(d, 3 * d)
+    self.proj = linear(d, d)
+    self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+    self.fc = linear(d, 4 * d)
+    self.fc_out = linear(4 * d, d)
+
+  def __call__(self, x):
+    b, t, d = x.shape
+    q, k, v = jnp.split(self.qkv(self.ln1(x)), 3, axis=-1)
+    heads = lambda z: z.reshape(b, t, self.n_head, d // self.n_head)
+    y, entropy = attention(heads(q), heads(k), heads(v), self.causal)
+    x = x + self.proj(y.reshape(b, t, d))
+    x = x + self.fc_out(nnx.gelu(self.fc(self.ln2(x))))
+    return x, entropy
+
+
+class Blocks(nnx.Module):
+  """``n`` blocks, as a Python list or stacked and run with ``nnx.scan``.
+
+  Stacked, every param gains a leading layer axis: ``(layers, d_in, d_out)``
+  kernels, which :func:`dimension_numbers` bounds per layer.
+  """
+
+  def __init__(self, n: int, d: int, n_head: int, causal: bool, scan: bool,
+               rngs: nnx.Rngs):
+    self.scan = scan
+    if scan:
+      @nnx.split_rngs(splits=n)
+      @nnx.vmap(in_axes=(0,), out_axes=0,
+                transform_metadata={nnx.PARTITION_NAME: None})
+      def make(rngs):
+        return Block(d, n_head, causal, rngs)
+      self.layers = make(rngs)
+    else:
+      self.layers = nnx.List([Block(d, n_head, causal, rngs)
+                              for _ in range(n)])
+
+  def __call__(self, x):
+    """Returns the output and the attention entropy, ``(layers, heads)``."""
+    if self.scan:
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+                transform_metadata={nnx.PARTITION_NAME: None})
+      def run(x, block):
+        return block(x)
+      return run(x, self.layers)
+    entropies = []
+    for block in self.layers:
+      x, entropy = block(x)
+      entropies.append(entropy)
+    return x, jnp.stack(entropies)
 
 
 # --- optimizers ---------------------------------------------------------------
@@ -90,24 +122,45 @@ class OptimizerConfig:
   b2: float = 0.95
 
 
-def make_optimizer(cfg: OptimizerConfig, dimension_numbers=None):
-  """``adamw`` or ``adamw2`` with warmup (if any) then cosine decay."""
+def dimension_numbers(params):
+  """Which leaves adamw2 bounds: every kernel and embedding matrix, and with
+  ``nnx.scan`` each layer of a stacked ``(layers, d_in, d_out)`` kernel; not
+  the stacked ``(layers, d)`` biases and norm scales, which the library's
+  default would take for matrices."""
+  def spec(path, p):
+    names = [str(getattr(k, 'key', getattr(k, 'name', ''))) for k in path]
+    # Scanned: 'layers' is followed by a param name, not a list index.
+    scanned = 'layers' in names and not names[names.index('layers') + 1
+                                              ].isdigit()
+    if scanned and p.ndim == 3:
+      return optax_spectral.SpectralDimensionNumbers(1, 2)
+    if not scanned and p.ndim == 2:
+      return optax_spectral.SpectralDimensionNumbers(0, 1)
+    return None
+  return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def make_optimizer(cfg: OptimizerConfig):
+  """``adamw`` or ``adamw2``, warmup (if any) then cosine decay to lr/10."""
   if cfg.warmup_steps > 0:
     lr = optax.warmup_cosine_decay_schedule(
         0.0, cfg.lr, cfg.warmup_steps, max(cfg.steps, cfg.warmup_steps + 1),
         end_value=cfg.lr * 0.1)
   else:
     lr = optax.cosine_decay_schedule(cfg.lr, max(cfg.steps, 1), alpha=0.1)
-  # No weight decay on biases, norm scales and embeddings' 1-D leaves.
-  mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  # No weight decay on biases and norm scales (1-D, or 2-D when stacked).
+  decay = lambda params: jax.tree.map(
+      lambda s: s is not None, dimension_numbers(params),
+      is_leaf=lambda x: x is None or isinstance(
+          x, optax_spectral.SpectralDimensionNumbers))
   if cfg.name == 'adamw':
     return optax.adamw(lr, b2=cfg.b2, weight_decay=cfg.weight_decay,
-                       mask=mask)
+                       mask=decay)
   if cfg.name == 'adamw2':
     tau = {} if cfg.tau is None else {'tau': cfg.tau}
     return optax_spectral.adamw2(lr, b2=cfg.b2, weight_decay=cfg.weight_decay,
-                                 mask=mask, dimension_numbers=dimension_numbers,
-                                 **tau)
+                                 mask=decay,
+                                 dimension_numbers=dimension_numbers, **tau)
   raise ValueError(f'unknown optimizer {cfg.name!r}: use adamw or adamw2')
 
 
@@ -120,3 +173,115 @@ def bound_summary(opt_state) -> dict[str, float]:
     return {'bound_active': 0.0, 'min_factor': 1.0}
   return {'bound_active': summary['bound_fraction'],
           'min_factor': summary['min_factor']}
+
+
+# --- mesh and loop --------------------------------------------------------------
+
+def init_distributed():
+  """Joins a multi-process run when launched as one (``JAX_COORDINATOR_ADDRESS``
+  or a cluster jax.distributed detects); returns whether this is process 0."""
+  if os.environ.get('JAX_COORDINATOR_ADDRESS') or os.environ.get(
+      'SLURM_NTASKS', '1') != '1':
+    jax.distributed.initialize()
+  return jax.process_index() == 0
+
+
+def make_mesh():
+  """One axis over every device: data parallel and FSDP at once."""
+  return jax.make_mesh((jax.device_count(),), (AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+@dataclasses.dataclass
+class RunConfig:
+  out_dir: str | None = None   # CSV, TensorBoard and checkpoints go here
+  checkpoint_every: int = 0    # 0: no checkpoints
+  resume: bool = False         # continue from the latest checkpoint
+  log_every: int = 1
+  desc: str = 'train'
+  stop_at: int | None = None   # stop early (a simulated preemption)
+
+
+def fit(model: nnx.Module, tx: optax.GradientTransformation,
+        train_step: Callable, batch_fn: Callable[[int], tuple], steps: int,
+        run: RunConfig, mesh=None) -> list[dict]:
+  """Trains ``model``; returns one row of metrics per logged step.
+
+  ``train_step(model, optimizer, *batch)`` returns ``(loss, entropy, extra)``
+  with ``extra`` a dict of scalars; ``batch_fn(step)`` returns host arrays for
+  that step, so a resumed run sees the same batches as an uninterrupted one.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  main = jax.process_index() == 0
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  manager, start = None, 0
+  if run.out_dir and run.checkpoint_every:
+    manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(run.out_dir, 'checkpoints')),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=2, save_interval_steps=run.checkpoint_every))
+    if run.resume and manager.latest_step() is not None:
+      start = manager.latest_step()
+      state = {'model': nnx.state(model), 'optimizer': nnx.state(optimizer)}
+      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+      restored = manager.restore(start, args=ocp.args.StandardRestore(abstract))
+      nnx.update(model, restored['model'])
+      nnx.update(optimizer, restored['optimizer'])
+  writer = csv_file = None
+  if main and run.out_dir:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    os.makedirs(run.out_dir, exist_ok=True)
+    tb = SummaryWriter(os.path.join(run.out_dir, 'tb'))
+    csv_file = open(os.path.join(run.out_dir, 'metrics.csv'),
+                    'a' if start else 'w', newline='')
+  batch_sharding = NamedSharding(mesh, P(AXIS)) if mesh is not None else None
+  history = []
+  end = steps if run.stop_at is None else min(steps, run.stop_at)
+  bar = tqdm(range(start, end), initial=start, total=steps, desc=run.desc,
+             disable=not main, leave=False, mininterval=1)
+  for step in bar:
+    batch = batch_fn(step)
+    if batch_sharding is not None:
+      batch = [jax.make_array_from_process_local_data(batch_sharding, b)
+               for b in batch]
+    loss, entropy, extra = train_step(model, optimizer, *batch)
+    if manager is not None:
+      manager.save(step + 1, args=ocp.args.StandardSave(
+          {'model': nnx.state(model), 'optimizer': nnx.state(optimizer)}))
+    if step % run.log_every and step != end - 1:
+      continue
+    entropy = np.asarray(entropy)
+    row = {'step': step, 'loss': float(loss),
+           'entropy_min': float(entropy.min()),
+           'entropy_mean': float(entropy.mean()),
+           **{k: float(v) for k, v in extra.items()},
+           **bound_summary(optimizer.opt_state)}
+    history.append(row)
+    bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
+    if csv_file is not None:
+      if writer is None:
+        writer = csv.DictWriter(csv_file, fieldnames=list(row))
+        if not start:
+          writer.writeheader()
+      writer.writerow(row)
+      for k, v in row.items():
+        if k != 'step':
+          tb.add_scalar(k, v, step)
+  if manager is not None:
+    manager.wait_until_finished()
+  if csv_file is not None:
+    csv_file.close()
+    tb.close()
+  return history
+
+
+def print_bounded(params, dims=dimension_numbers):
+  """Prints what adamw2 bounds, leaf by leaf."""
+  for name, how in optax_spectral.bounded_leaves(params, dims).items():
+    print(f'  {name:<40} {how}')
+
+
+def save_json(path, obj):
+  with open(path, 'w') as f:
+    json.dump(obj, f, indent=1)

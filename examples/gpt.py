@@ -1,13 +1,19 @@
 """A character-level GPT (nanoGPT-style) in Flax NNX, trained without warmup.
 
-    python examples/gpt.py --optimizer adamw2 --lr 1e-2
-    python examples/gpt.py --optimizer adamw --lr 1e-2 --warmup-steps 100
+    python examples/gpt.py                                  # adamw2, lr 1e-2
+    python examples/gpt.py --optimizer adamw --warmup-steps 100
+    python examples/gpt.py --text my.txt --preset gpu --scan --out runs/gpt
+
+Default data: the English help text in CPython's ``pydoc_data`` (~465K
+characters), so it runs offline. Runs on every device JAX sees (data parallel
++ FSDP), and under ``jax.distributed`` when launched as several processes.
 """
 
 import argparse
 import dataclasses
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -23,6 +29,7 @@ class GPTConfig:
   n_layer: int = 4
   n_head: int = 4
   n_embd: int = 128
+  scan: bool = False   # stack the layers and run them with nnx.scan
 
 
 PRESETS = {
@@ -32,90 +39,112 @@ PRESETS = {
 }
 
 
-class Block(nnx.Module):
-  """Pre-LN transformer block: causal self-attention and a GELU MLP."""
+def pydoc_text() -> str:
+  from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
+  return '\n'.join(topics[k] for k in sorted(topics))
 
-  def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
-    d = cfg.n_embd
-    self.n_head = cfg.n_head
-    self.ln1 = nnx.LayerNorm(d, rngs=rngs)
-    self.qkv = nnx.Linear(d, 3 * d, rngs=rngs)
-    self.proj = nnx.Linear(d, d, rngs=rngs)
-    self.ln2 = nnx.LayerNorm(d, rngs=rngs)
-    self.fc = nnx.Linear(d, 4 * d, rngs=rngs)
-    self.fc_out = nnx.Linear(4 * d, d, rngs=rngs)
 
-  def __call__(self, x):
-    b, t, d = x.shape
-    q, k, v = jnp.split(self.qkv(self.ln1(x)), 3, axis=-1)
-    heads = lambda z: z.reshape(b, t, self.n_head, d // self.n_head)
-    y, entropy = common.causal_attention(heads(q), heads(k), heads(v))
-    x = x + self.proj(y.reshape(b, t, d))
-    x = x + self.fc_out(nnx.gelu(self.fc(self.ln2(x))))
-    return x, entropy
+class CharData:
+  """A character-level corpus split 90/10 into train and validation."""
+
+  def __init__(self, text: str):
+    if len(text) < 100:
+      raise ValueError(f'need at least 100 characters of text, got '
+                       f'{len(text)}')
+    self.chars = sorted(set(text))
+    index = {c: i for i, c in enumerate(self.chars)}
+    data = np.array([index[c] for c in text], np.int32)
+    split = int(0.9 * len(data))
+    self.train, self.val = data[:split], data[split:]
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.chars)
+
+  def batch(self, rng: np.random.Generator, batch_size: int, block: int,
+            split: str = 'train'):
+    data = self.train if split == 'train' else self.val
+    if len(data) <= block + 1:
+      raise ValueError(f'{split} split has {len(data)} tokens, fewer than '
+                       f'block size {block} + 1')
+    start = rng.integers(0, len(data) - block - 1, batch_size)
+    x = np.stack([data[s:s + block] for s in start])
+    y = np.stack([data[s + 1:s + block + 1] for s in start])
+    return x, y
+
+  def decode(self, ids) -> str:
+    return ''.join(self.chars[int(i)] for i in ids)
 
 
 class GPT(nnx.Module):
-  """Token and position embeddings, blocks, final LN, tied output head."""
+  """Token and position embeddings, causal pre-LN blocks, tied output head."""
 
   def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
-    self.cfg = cfg
-    self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, rngs=rngs)
-    self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, rngs=rngs)
-    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
+    embed = common.sharded(nnx.initializers.variance_scaling(
+        1.0, 'fan_in', 'normal', out_axis=0), (None, common.AXIS))
+    self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=embed,
+                         rngs=rngs)
+    self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, embedding_init=embed,
+                         rngs=rngs)
+    self.blocks = common.Blocks(cfg.n_layer, cfg.n_embd, cfg.n_head,
+                                causal=True, scan=cfg.scan, rngs=rngs)
     self.ln_f = nnx.LayerNorm(cfg.n_embd, rngs=rngs)
 
   def __call__(self, idx):
     x = self.wte(idx) + self.wpe(jnp.arange(idx.shape[1]))
-    entropies = []
-    for block in self.blocks:
-      x, entropy = block(x)
-      entropies.append(entropy)
-    logits = self.wte.attend(self.ln_f(x))
-    return logits, jnp.stack(entropies)  # entropies: (layers, heads)
-
-
-def loss_fn(model, x, y):
-  logits, entropy = model(x)
-  loss = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), y).mean()
-  return loss, entropy
+    x, entropy = self.blocks(x)
+    return self.wte.attend(self.ln_f(x)), entropy
 
 
 @nnx.jit
 def train_step(model, optimizer, x, y):
-  (loss, entropy), grads = nnx.value_and_grad(loss_fn, has_aux=True)(
-      model, x, y)
+  def loss_fn(model):
+    logits, entropy = model(x)
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), y).mean()
+    return loss, entropy
+  (loss, entropy), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   optimizer.update(model, grads)
-  return loss, entropy
+  return loss, entropy, {}
 
 
-def train(opt: common.OptimizerConfig, cfg: GPTConfig, data: common.CharData,
-          batch_size: int = 32, seed: int = 0, log_every: int = 10,
-          desc: str = 'train'):
-  """Trains a GPT and returns its history of loss, entropy and bound use."""
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  cfg = dataclasses.replace(cfg, vocab_size=data.vocab_size)
-  model = GPT(cfg, nnx.Rngs(seed))
-  optimizer = nnx.Optimizer(model, common.make_optimizer(opt), wrt=nnx.Param)
+@nnx.jit
+def _next_logits(model, idx):
+  return model(idx)[0][:, -1]
+
+
+def sample(model, data: CharData, cfg: GPTConfig, n: int = 200,
+           seed: int = 0) -> str:
+  """Samples ``n`` characters, prompted with a newline."""
   rng = np.random.default_rng(seed)
-  history = []
-  bar = tqdm(range(opt.steps), desc=desc, leave=False, mininterval=1)
-  for step in bar:
-    x, y = data.batch(rng, batch_size, cfg.block_size)
-    loss, entropy = train_step(model, optimizer, x, y)
-    if step % log_every == 0 or step == opt.steps - 1:
-      row = {'step': step, 'loss': float(loss),
-             'entropy_min': float(entropy.min()),
-             'entropy_mean': float(entropy.mean())}
-      row.update(common.bound_summary(optimizer.opt_state))
-      history.append(row)
-      bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
-  return history
+  idx = [data.chars.index('\n')] if '\n' in data.chars else [0]
+  for _ in range(n):
+    window = np.array(idx[-cfg.block_size:])[None]
+    window = np.pad(window, ((0, 0), (cfg.block_size - window.shape[1], 0)))
+    logits = np.asarray(_next_logits(model, window)[0], np.float64)
+    p = np.exp(logits - logits.max())
+    idx.append(int(rng.choice(len(p), p=p / p.sum())))
+  return data.decode(idx[1:])
+
+
+def train(opt: common.OptimizerConfig, cfg: GPTConfig, data: CharData,
+          batch_size: int = 32, seed: int = 0, run: common.RunConfig = None):
+  """Trains a GPT on ``data``; returns the model and its metrics history."""
+  run = run or common.RunConfig()
+  cfg = dataclasses.replace(cfg, vocab_size=data.vocab_size)
+  mesh = common.make_mesh()
+  with jax.set_mesh(mesh):
+    model = GPT(cfg, nnx.Rngs(seed))
+    batch = lambda step: data.batch(np.random.default_rng([seed, step]),
+                                    batch_size, cfg.block_size)
+    history = common.fit(model, common.make_optimizer(opt), train_step, batch,
+                         opt.steps, run, mesh)
+  return model, history
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--optimizer', default='adamw2', choices=['adamw', 'adamw2'])
   p.add_argument('--lr', type=float, default=1e-2)
   p.add_argument('--warmup-steps', type=int, default=0)
@@ -123,17 +152,34 @@ def main():
   p.add_argument('--steps', type=int, default=300)
   p.add_argument('--batch-size', type=int, default=32)
   p.add_argument('--preset', default='small', choices=sorted(PRESETS))
+  p.add_argument('--scan', action='store_true', help='stack layers (nnx.scan)')
   p.add_argument('--text', default=None, help='train on this text file')
+  p.add_argument('--out', default=None, help='logs and checkpoints here')
+  p.add_argument('--checkpoint-every', type=int, default=100)
+  p.add_argument('--resume', action='store_true')
   args = p.parse_args()
-  text = open(args.text).read() if args.text else common.pydoc_text()
+  main_process = common.init_distributed()
+  text = open(args.text, encoding='utf-8').read() if args.text else (
+      pydoc_text())
+  data = CharData(text)
+  cfg = dataclasses.replace(PRESETS[args.preset], scan=args.scan)
   opt = common.OptimizerConfig(name=args.optimizer, lr=args.lr,
                                warmup_steps=args.warmup_steps, tau=args.tau,
                                steps=args.steps)
+  run = common.RunConfig(out_dir=args.out, resume=args.resume,
+                         checkpoint_every=args.checkpoint_every if args.out
+                         else 0, desc=f'gpt {args.optimizer}')
   t0 = time.time()
-  for row in train(opt, PRESETS[args.preset], common.CharData(text),
-                   args.batch_size):
-    print(row)
-  print(f'{time.time() - t0:.1f}s')
+  model, history = train(opt, cfg, data, args.batch_size, run=run)
+  if main_process:
+    if args.optimizer == 'adamw2':
+      print('bounded leaves:')
+      common.print_bounded(nnx.state(model, nnx.Param))
+    last = history[-1]
+    print(f"step {last['step']}: loss {last['loss']:.3f}, min attention "
+          f"entropy {last['entropy_min']:.3f}, {time.time() - t0:.0f}s")
+    print('sample:\n' + sample(model, data, dataclasses.replace(
+        cfg, vocab_size=data.vocab_size)))
 
 
 if __name__ == '__main__':

@@ -1,39 +1,106 @@
-"""The examples run on their default (embedded) data and on user data."""
+"""The examples train on their embedded data, on user data, on 8 simulated
+devices (conftest), and resume from checkpoints exactly."""
 
 import os
+import pickle
 import sys
 
+import jax
 import numpy as np
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'examples'))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import gpt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import vit  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def _loss_drops(history):
+def _loss_drops(history, by=0.3):
   first = np.mean([r['loss'] for r in history[:3]])
   last = np.mean([r['loss'] for r in history[-3:]])
-  return last < first - 0.3, (first, last)
+  return last < first - by, (first, last)
 
 
-def test_gpt_trains_on_embedded_text():
-  data = common.CharData(common.pydoc_text())
+@pytest.mark.parametrize('scan', [False, True])
+def test_gpt_trains_on_embedded_text(scan):
+  data = gpt.CharData(gpt.pydoc_text())
   assert len(data.train) + len(data.val) > 400_000
-  history = gpt.train(common.OptimizerConfig(name='adamw2', lr=1e-2,
-                                             steps=40),
-                      gpt.PRESETS['tiny'], data, batch_size=16, log_every=1)
+  cfg = gpt.PRESETS['tiny']
+  cfg = type(cfg)(**{**cfg.__dict__, 'scan': scan})
+  model, history = gpt.train(
+      common.OptimizerConfig(name='adamw2', lr=1e-2, steps=40), cfg, data,
+      batch_size=16)
   ok, losses = _loss_drops(history)
   assert ok, losses
+  assert jax.device_count() == 8  # the mesh spans the simulated devices
+  kernel = model.blocks.layers.qkv.kernel if scan else (
+      model.blocks.layers[0].qkv.kernel)
+  assert len(kernel[...].sharding.device_set) == 8
   assert 0 <= history[-1]['bound_active'] <= 1
 
 
 def test_gpt_trains_on_user_text(tmp_path):
   path = tmp_path / 'mine.txt'
   path.write_text('the quick brown fox jumps over the lazy dog. ' * 200)
-  data = common.CharData(path.read_text())
+  data = gpt.CharData(path.read_text())
   assert data.vocab_size == len(set(path.read_text()))
-  history = gpt.train(common.OptimizerConfig(name='adamw', lr=1e-2, steps=40),
-                      gpt.PRESETS['tiny'], data, batch_size=16, log_every=1)
+  _, history = gpt.train(
+      common.OptimizerConfig(name='adamw', lr=1e-2, steps=40),
+      gpt.PRESETS['tiny'], data, batch_size=16)
   ok, losses = _loss_drops(history)
   assert ok, losses
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  data = gpt.CharData(gpt.pydoc_text())
+  opt = common.OptimizerConfig(name='adamw2', lr=1e-2, steps=12)
+  _, full = gpt.train(opt, gpt.PRESETS['tiny'], data, batch_size=8)
+  run = common.RunConfig(out_dir=str(tmp_path), checkpoint_every=4,
+                         stop_at=8)
+  _, first = gpt.train(opt, gpt.PRESETS['tiny'], data, batch_size=8, run=run)
+  assert [r['step'] for r in first] == list(range(8))
+  run = common.RunConfig(out_dir=str(tmp_path), checkpoint_every=4,
+                         resume=True)
+  _, rest = gpt.train(opt, gpt.PRESETS['tiny'], data, batch_size=8, run=run)
+  assert [r['step'] for r in rest] == list(range(8, 12))
+  np.testing.assert_allclose([r['loss'] for r in first + rest],
+                             [r['loss'] for r in full], rtol=1e-5)
+  with open(tmp_path / 'metrics.csv') as f:
+    lines = f.read().splitlines()
+  assert lines[0].startswith('step,loss') and len(lines) == 13
+  assert os.listdir(tmp_path / 'tb')
+
+
+def test_vit_learns_digits():
+  """Default settings, 150 steps: the stated accuracy is at least 85%."""
+  _, history, acc = vit.train(
+      common.OptimizerConfig(name='adamw2', lr=1e-2, steps=150),
+      vit.PRESETS['tiny'], vit.digits(), batch_size=64)
+  assert acc >= 0.85, acc
+  assert history[-1]['train_acc'] > 0.8
+
+
+def test_cifar10_loader_reads_python_batches(tmp_path):
+  rng = np.random.default_rng(0)
+  for name in ['data_batch_1', 'test_batch']:
+    batch = {b'data': rng.integers(0, 256, (20, 3072), dtype=np.uint8),
+             b'labels': list(rng.integers(0, 10, 20))}
+    with open(tmp_path / name, 'wb') as f:
+      pickle.dump(batch, f)
+  data = vit.cifar10(str(tmp_path))
+  assert data.x_train.shape == (20, 32, 32, 3)
+  assert 0 <= data.x_train.min() and data.x_train.max() <= 1
+  with open(tmp_path / 'data_batch_1', 'rb') as f:
+    raw = pickle.load(f)
+  # Channel-major rows become HWC images.
+  np.testing.assert_allclose(data.x_train[3, 1, 2],
+                             raw[b'data'][3].reshape(3, 32, 32)[:, 1, 2] /
+                             255.0)
+  _, history, _ = vit.train(
+      common.OptimizerConfig(name='adamw2', lr=1e-3, steps=3),
+      vit.ViTConfig(patch=4, n_layer=1, n_head=2, n_embd=32), data,
+      batch_size=8)
+  assert np.isfinite(history[-1]['loss'])
+  with pytest.raises(FileNotFoundError, match='CIFAR-10'):
+    vit.cifar10(str(tmp_path / 'nothing'))
