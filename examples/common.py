@@ -178,10 +178,19 @@ def bound_summary(opt_state) -> dict[str, float]:
 # --- mesh and loop --------------------------------------------------------------
 
 def init_distributed():
-  """Joins a multi-process run when launched as one (``JAX_COORDINATOR_ADDRESS``
-  or a cluster jax.distributed detects); returns whether this is process 0."""
-  if os.environ.get('JAX_COORDINATOR_ADDRESS') or os.environ.get(
-      'SLURM_NTASKS', '1') != '1':
+  """Joins a multi-process run when launched as one; True on process 0.
+
+  Launch each process with ``JAX_COORDINATOR_ADDRESS=host:port``,
+  ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (or under SLURM, which JAX
+  detects). CPU processes talk over gloo.
+  """
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  address = os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if address:
+    jax.distributed.initialize(address,
+                               int(os.environ['JAX_NUM_PROCESSES']),
+                               int(os.environ['JAX_PROCESS_ID']))
+  elif int(os.environ.get('SLURM_NTASKS', '1')) > 1:
     jax.distributed.initialize()
   return jax.process_index() == 0
 
