@@ -1,0 +1,37 @@
+"""The benchmarks' rules, and their quick modes (what CI can afford)."""
+
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'benchmarks'))
+import stability  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _history(loss, entropy):
+  return [{'loss': l, 'entropy_min': e} for l, e in zip(loss, entropy)]
+
+
+def test_crash_rule():
+  healthy = _history(np.linspace(3, 1, 40), np.full(40, 1.0))
+  assert not stability.crashed(healthy)
+  collapsed = _history(np.linspace(3, 1, 40), np.r_[np.ones(30), [0.05] * 10])
+  assert stability.crashed(collapsed)
+  early_dip = _history(np.linspace(3, 1, 40), np.r_[[0.05] * 10, np.ones(30)])
+  assert not stability.crashed(early_dip)  # only the second half counts
+  spike = _history(np.r_[np.linspace(3, 1, 30), [2.0] * 10], np.ones(40))
+  assert stability.crashed(spike)
+  assert stability.crashed(_history([1.0, np.nan] * 20, np.ones(40)))
+
+
+def test_stability_quick_mode_writes_results(tmp_path):
+  out = str(tmp_path / 'stability')
+  runs = stability.main(['--quick', '--tasks', 'vit', '--out', out])
+  assert len(runs) == 4 * 2  # settings x learning rates, one seed
+  assert {r['setting'] for r in runs} == {
+      'adamw', 'adamw + 10 warmup', 'adamw2', 'adamw2 tau=0.05'}
+  assert all(0 <= r['score'] <= 1 for r in runs)
+  for ext in ('md', 'json', 'png'):
+    assert os.path.getsize(f'{out}.{ext}') > 100
