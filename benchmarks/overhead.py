@@ -67,19 +67,20 @@ def stacked_dimension_numbers(params):
 
 
 def param_trees(quick: bool):
+  """Builders, so that only one tree is in memory at a time."""
   if quick:
-    return {'tiny': transformer_params(2, 128, {'wte': (1024, 128)})}
+    return {'tiny': lambda: transformer_params(2, 128, {'wte': (1024, 128)})}
   gpt2 = lambda d, vocab=50304, block=1024: {'wte': (vocab, d),
                                              'wpe': (block, d)}
   # ViT-B/16 at 224px: 768-wide patch embedding of 16x16x3 pixels, 197
   # positions, 1000 classes.
   vit_b = {'patch_embed': (768, 768), 'pos': (197, 768), 'head': (768, 1000)}
   return {
-      'GPT-2 small (124M)': transformer_params(12, 768, gpt2(768)),
-      'GPT-2 small, scanned': transformer_params(12, 768, gpt2(768),
-                                                 stacked=True),
-      'GPT-2 medium (355M)': transformer_params(24, 1024, gpt2(1024)),
-      'ViT-B/16 (86M)': transformer_params(12, 768, vit_b),
+      'GPT-2 small (124M)': lambda: transformer_params(12, 768, gpt2(768)),
+      'GPT-2 small, scanned': lambda: transformer_params(
+          12, 768, gpt2(768), stacked=True),
+      'GPT-2 medium (355M)': lambda: transformer_params(24, 1024, gpt2(1024)),
+      'ViT-B/16 (86M)': lambda: transformer_params(12, 768, vit_b),
   }
 
 
@@ -166,7 +167,8 @@ def main():
            f'Optimizer update + apply; median of {reps} interleaved reps; '
            'ratio to optax.adamw in the same process. State: optimizer-state '
            'bytes relative to optax.adamw.', '']
-  for i, (tree_name, params) in enumerate(param_trees(args.quick).items()):
+  for i, (tree_name, build) in enumerate(param_trees(args.quick).items()):
+    params = build()
     n = sum(x.size for x in jax.tree.leaves(params))
     dims = ({'dimension_numbers': stacked_dimension_numbers}
             if 'scanned' in tree_name else {})
@@ -200,7 +202,8 @@ def main():
                    f"{1e3 * v['iqr_s']:.1f} | {v['ratio']:.3f} | "
                    f"{v['state_ratio']:.4f} |")
     lines.append('')
-    del params, variants
+    del params, variants, timing
+    jax.clear_caches()
   step, compile_s = train_step_benchmark(reps, 'tiny' if args.quick
                                          else 'small')
   result['train_step'] = {k: {**v, 'ratio': v['median_s'] /

@@ -140,14 +140,18 @@ def dimension_numbers(params):
   return jax.tree_util.tree_map_with_path(spec, params)
 
 
-def make_optimizer(cfg: OptimizerConfig):
-  """``adamw`` or ``adamw2``, warmup (if any) then cosine decay to lr/10."""
+def schedule(cfg: OptimizerConfig) -> optax.Schedule:
+  """Warmup (if any), then cosine decay to lr/10."""
   if cfg.warmup_steps > 0:
-    lr = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         0.0, cfg.lr, cfg.warmup_steps, max(cfg.steps, cfg.warmup_steps + 1),
         end_value=cfg.lr * 0.1)
-  else:
-    lr = optax.cosine_decay_schedule(cfg.lr, max(cfg.steps, 1), alpha=0.1)
+  return optax.cosine_decay_schedule(cfg.lr, max(cfg.steps, 1), alpha=0.1)
+
+
+def make_optimizer(cfg: OptimizerConfig):
+  """``adamw`` or ``adamw2`` on :func:`schedule`."""
+  lr = schedule(cfg)
   # No weight decay on biases and norm scales (1-D, or 2-D when stacked).
   decay = lambda params: jax.tree.map(
       lambda s: s is not None, dimension_numbers(params),
@@ -164,15 +168,23 @@ def make_optimizer(cfg: OptimizerConfig):
   raise ValueError(f'unknown optimizer {cfg.name!r}: use adamw or adamw2')
 
 
-def bound_summary(opt_state) -> dict[str, float]:
-  """Fraction of matrices whose step the bound shrank, and the smallest factor
-  (zero and one for plain adamw, which has no bound)."""
+def bound_metrics(opt_state) -> dict[str, float]:
+  """How often and where the bound was active: the fraction of matrices
+  whose step it shrank, the smallest factor, and each matrix's factor
+  (``factor/<leaf>[layer]``). Plain adamw has no bound: zero and one."""
   try:
     summary = diagnostics.bound_summary(opt_state)
   except ValueError:  # plain adamw
     return {'bound_active': 0.0, 'min_factor': 1.0}
-  return {'bound_active': summary['bound_fraction'],
-          'min_factor': summary['min_factor']}
+  row = {'bound_active': summary['bound_fraction'],
+         'min_factor': summary['min_factor']}
+  for key, value in optax_spectral.spectral_stats(opt_state).items():
+    if key.endswith('/factor'):
+      value = np.asarray(value)
+      for i in np.ndindex(value.shape):
+        row[f"factor/{key[:-len('/factor')]}" +
+            (f'[{",".join(map(str, i))}]' if i else '')] = float(value[i])
+  return row
 
 
 # --- mesh and loop --------------------------------------------------------------
@@ -211,9 +223,9 @@ class RunConfig:
   stop_at: int | None = None   # stop early (a simulated preemption)
 
 
-def fit(model: nnx.Module, tx: optax.GradientTransformation,
-        train_step: Callable, batch_fn: Callable[[int], tuple], steps: int,
-        run: RunConfig, mesh=None) -> list[dict]:
+def fit(model: nnx.Module, opt: OptimizerConfig, train_step: Callable,
+        batch_fn: Callable[[int], tuple], run: RunConfig,
+        mesh=None) -> list[dict]:
   """Trains ``model``; returns one row of metrics per logged step.
 
   ``train_step(model, optimizer, *batch)`` returns ``(loss, entropy, extra)``
@@ -223,7 +235,8 @@ def fit(model: nnx.Module, tx: optax.GradientTransformation,
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   main = jax.process_index() == 0
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, make_optimizer(opt), wrt=nnx.Param)
+  lr, steps = schedule(opt), opt.steps
   manager, start = None, 0
   if run.out_dir and run.checkpoint_every:
     manager = ocp.CheckpointManager(
@@ -261,11 +274,11 @@ def fit(model: nnx.Module, tx: optax.GradientTransformation,
     if step % run.log_every and step != end - 1:
       continue
     entropy = np.asarray(entropy)
-    row = {'step': step, 'loss': float(loss),
+    row = {'step': step, 'loss': float(loss), 'lr': float(lr(step)),
            'entropy_min': float(entropy.min()),
            'entropy_mean': float(entropy.mean()),
            **{k: float(v) for k, v in extra.items()},
-           **bound_summary(optimizer.opt_state)}
+           **bound_metrics(optimizer.opt_state)}
     history.append(row)
     bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
     if csv_file is not None:

@@ -137,8 +137,7 @@ def train(opt: common.OptimizerConfig, cfg: GPTConfig, data: CharData,
     model = GPT(cfg, nnx.Rngs(seed))
     batch = lambda step: data.batch(np.random.default_rng([seed, step]),
                                     batch_size, cfg.block_size)
-    history = common.fit(model, common.make_optimizer(opt), train_step, batch,
-                         opt.steps, run, mesh)
+    history = common.fit(model, opt, train_step, batch, run, mesh)
   return model, history
 
 

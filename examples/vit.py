@@ -162,8 +162,7 @@ def train(opt: common.OptimizerConfig, cfg: ViTConfig, data: ImageData,
     model = ViT(cfg, nnx.Rngs(seed))
     batch = lambda step: data.batch(np.random.default_rng([seed, step]),
                                     batch_size)
-    history = common.fit(model, common.make_optimizer(opt), train_step, batch,
-                         opt.steps, run, mesh)
+    history = common.fit(model, opt, train_step, batch, run, mesh)
     acc = accuracy(model, data.x_test, data.y_test)
   return model, history, acc
 

@@ -64,16 +64,14 @@ def _orthonormal_block(key: jax.Array, shape: tuple[int, ...],
       dtype)
 
 
-def _check_static(tau, max_extrapolation, num_iterations, num_iterations_first,
-                  block_size):
+def _check_hyperparameters(tau, max_extrapolation, **counts):
+  # Only concrete values are checked: under inject_hyperparams they are traced.
   if isinstance(tau, (int, float)) and not tau > 0:
     raise ValueError(f'tau must be positive, got {tau}.')
   if isinstance(max_extrapolation, (int, float)) and not max_extrapolation >= 0:
     raise ValueError(
         f'max_extrapolation must be >= 0, got {max_extrapolation}.')
-  for name, n in (('num_iterations', num_iterations),
-                  ('num_iterations_first', num_iterations_first),
-                  ('block_size', block_size)):
+  for name, n in counts.items():
     if isinstance(n, (int, float)) and (int(n) != n or n < 1):
       raise ValueError(f'{name} must be an integer >= 1, got {n}.')
 
@@ -169,10 +167,11 @@ def scale_by_spectral_bound(
     Qi et al., `Taming Transformer Without Using Learning Rate Warmup
     <https://arxiv.org/abs/2505.21910>`_, ICLR 2025.
   """
-  _check_static(tau, max_extrapolation, num_iterations, num_iterations_first,
-                block_size)
-  if num_iterations_weight is not None:
-    _check_static(tau, 0, num_iterations_weight, 1, 1)
+  _check_hyperparameters(
+      tau, max_extrapolation, num_iterations=num_iterations,
+      num_iterations_first=num_iterations_first, block_size=block_size,
+      **({} if num_iterations_weight is None else
+         {'num_iterations_weight': num_iterations_weight}))
 
   def views_of(params):
     return {name: view for name, view in _matrices.resolve_views(
@@ -282,14 +281,15 @@ def scale_by_spectral_bound(
       # non-finite: the comparison is False and the factor stays 1.
       active = (sigma_w > 0) & (sigma_d > limit)
       factor = jnp.where(active, limit / jnp.where(active, sigma_d, 1), 1)
-      dtype = update.dtype
+      dtype = st.update_v.dtype  # the state keeps the dtype init gave it
       new_matrices[name] = SpectralMatrixState(
           weight_u=w_u.astype(dtype), weight_v=w_v.astype(dtype),
           update_u=d_u.astype(dtype), update_v=d_v.astype(dtype),
           sigma_weight=sigma_w.astype(jnp.float32),
           sigma_update=sigma_d.astype(jnp.float32),
           factor=factor.astype(jnp.float32))
-      return (update * view.broadcastable(factor, update.ndim)).astype(dtype)
+      return (update * view.broadcastable(factor, update.ndim)).astype(
+          update.dtype)
 
     updates = jax.tree_util.tree_map_with_path(bound_leaf, updates, params)
     return updates, ScaleBySpectralBoundState(
