@@ -107,6 +107,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument('--quick', action='store_true')
   p.add_argument('--tasks', nargs='+', default=['gpt', 'vit'])
+  p.add_argument('--lrs', type=float, nargs='+', default=None)
+  p.add_argument('--seeds', type=int, nargs='+', default=None)
   p.add_argument('--out', default=os.path.join(HERE, 'results', 'stability'))
   args = p.parse_args(argv)
   if args.quick:
@@ -115,6 +117,7 @@ def main(argv=None):
   else:
     lrs, seeds, steps, preset, taus, warmup = [1e-3, 3e-3, 1e-2, 3e-2], [
         0, 1, 2], 150, 'small', [0.01, 0.05], 50
+  lrs, seeds = args.lrs or lrs, args.seeds or seeds
   data = {'gpt': gpt.CharData(gpt.pydoc_text()), 'vit': vit.digits()}
   rows = [label(*s) for s in settings(taus, warmup)]
   runs, t0 = [], time.time()

@@ -298,6 +298,36 @@ def fit(model: nnx.Module, opt: OptimizerConfig, train_step: Callable,
   return history
 
 
+def add_training_args(parser, batch_size: int, presets):
+  """The flags both examples take."""
+  parser.add_argument('--optimizer', default='adamw2',
+                      choices=['adamw', 'adamw2'])
+  parser.add_argument('--lr', type=float, default=1e-2)
+  parser.add_argument('--warmup-steps', type=int, default=0)
+  parser.add_argument('--tau', type=float, default=None,
+                      help='adamw2 tau (default: the library default)')
+  parser.add_argument('--steps', type=int, default=300)
+  parser.add_argument('--batch-size', type=int, default=batch_size)
+  parser.add_argument('--preset', default='small', choices=sorted(presets))
+  parser.add_argument('--scan', action='store_true',
+                      help='stack the layers and run them with nnx.scan')
+  parser.add_argument('--out', default=None,
+                      help='write CSV, TensorBoard and checkpoints here')
+  parser.add_argument('--checkpoint-every', type=int, default=100)
+  parser.add_argument('--resume', action='store_true',
+                      help='continue from the latest checkpoint in --out')
+
+
+def configs_from_args(args, desc: str) -> tuple[OptimizerConfig, RunConfig]:
+  opt = OptimizerConfig(name=args.optimizer, lr=args.lr,
+                        warmup_steps=args.warmup_steps, tau=args.tau,
+                        steps=args.steps)
+  run = RunConfig(out_dir=args.out, resume=args.resume,
+                  checkpoint_every=args.checkpoint_every if args.out else 0,
+                  desc=f'{desc} {args.optimizer}')
+  return opt, run
+
+
 def print_bounded(params, dims=dimension_numbers):
   """Prints what adamw2 bounds, leaf by leaf."""
   for name, how in optax_spectral.bounded_leaves(params, dims).items():

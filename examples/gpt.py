@@ -144,30 +144,15 @@ def train(opt: common.OptimizerConfig, cfg: GPTConfig, data: CharData,
 def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument('--optimizer', default='adamw2', choices=['adamw', 'adamw2'])
-  p.add_argument('--lr', type=float, default=1e-2)
-  p.add_argument('--warmup-steps', type=int, default=0)
-  p.add_argument('--tau', type=float, default=None)
-  p.add_argument('--steps', type=int, default=300)
-  p.add_argument('--batch-size', type=int, default=32)
-  p.add_argument('--preset', default='small', choices=sorted(PRESETS))
-  p.add_argument('--scan', action='store_true', help='stack layers (nnx.scan)')
+  common.add_training_args(p, batch_size=32, presets=PRESETS)
   p.add_argument('--text', default=None, help='train on this text file')
-  p.add_argument('--out', default=None, help='logs and checkpoints here')
-  p.add_argument('--checkpoint-every', type=int, default=100)
-  p.add_argument('--resume', action='store_true')
   args = p.parse_args()
   main_process = common.init_distributed()
   text = open(args.text, encoding='utf-8').read() if args.text else (
       pydoc_text())
   data = CharData(text)
   cfg = dataclasses.replace(PRESETS[args.preset], scan=args.scan)
-  opt = common.OptimizerConfig(name=args.optimizer, lr=args.lr,
-                               warmup_steps=args.warmup_steps, tau=args.tau,
-                               steps=args.steps)
-  run = common.RunConfig(out_dir=args.out, resume=args.resume,
-                         checkpoint_every=args.checkpoint_every if args.out
-                         else 0, desc=f'gpt {args.optimizer}')
+  opt, run = common.configs_from_args(args, 'gpt')
   t0 = time.time()
   model, history = train(opt, cfg, data, args.batch_size, run=run)
   if main_process:

@@ -170,29 +170,14 @@ def train(opt: common.OptimizerConfig, cfg: ViTConfig, data: ImageData,
 def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument('--optimizer', default='adamw2', choices=['adamw', 'adamw2'])
-  p.add_argument('--lr', type=float, default=1e-2)
-  p.add_argument('--warmup-steps', type=int, default=0)
-  p.add_argument('--tau', type=float, default=None)
-  p.add_argument('--steps', type=int, default=300)
-  p.add_argument('--batch-size', type=int, default=64)
-  p.add_argument('--preset', default='small', choices=sorted(PRESETS))
-  p.add_argument('--scan', action='store_true', help='stack layers (nnx.scan)')
+  common.add_training_args(p, batch_size=64, presets=PRESETS)
   p.add_argument('--data-dir', default=None, help='CIFAR-10 python batches')
-  p.add_argument('--out', default=None, help='logs and checkpoints here')
-  p.add_argument('--checkpoint-every', type=int, default=100)
-  p.add_argument('--resume', action='store_true')
   args = p.parse_args()
   main_process = common.init_distributed()
   data = cifar10(args.data_dir) if args.data_dir else digits()
   cfg = dataclasses.replace(PRESETS[args.preset], scan=args.scan,
                             patch=4 if args.data_dir else 2)
-  opt = common.OptimizerConfig(name=args.optimizer, lr=args.lr,
-                               warmup_steps=args.warmup_steps, tau=args.tau,
-                               steps=args.steps)
-  run = common.RunConfig(out_dir=args.out, resume=args.resume,
-                         checkpoint_every=args.checkpoint_every if args.out
-                         else 0, desc=f'vit {args.optimizer}')
+  opt, run = common.configs_from_args(args, 'vit')
   t0 = time.time()
   model, history, acc = train(opt, cfg, data, args.batch_size, run=run)
   if main_process:
