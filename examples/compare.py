@@ -1,6 +1,6 @@
 """The main demo: AdamW with and without warmup against AdamW² without warmup.
 
-    python examples/compare.py                 # about 5 minutes on 2 CPU cores
+    python examples/compare.py                 # about 4 minutes on 2 CPU cores
 
 Trains the character-level GPT (examples/gpt.py, CPython's help text) and the
 ViT (examples/vit.py, scikit-learn's digits) at the same high learning rate,
