@@ -6,7 +6,6 @@ Kept small on purpose: copy it with an example into your own project.
 
 import csv
 import dataclasses
-import json
 import math
 import os
 from typing import Callable
@@ -258,7 +257,7 @@ def fit(model: nnx.Module, opt: OptimizerConfig, train_step: Callable,
     csv_file = open(os.path.join(run.out_dir, 'metrics.csv'),
                     'a' if start else 'w', newline='')
   batch_sharding = NamedSharding(mesh, P(AXIS)) if mesh is not None else None
-  history = []
+  history, collapsed = [], False
   end = steps if run.stop_at is None else min(steps, run.stop_at)
   bar = tqdm(range(start, end), initial=start, total=steps, desc=run.desc,
              disable=not main, leave=False, mininterval=1)
@@ -274,6 +273,8 @@ def fit(model: nnx.Module, opt: OptimizerConfig, train_step: Callable,
     if step % run.log_every and step != end - 1:
       continue
     entropy = np.asarray(entropy)
+    if main and not collapsed:  # warn once per run
+      collapsed = diagnostics.warn_if_attention_collapsed(entropy, step)
     row = {'step': step, 'loss': float(loss), 'lr': float(lr(step)),
            'entropy_min': float(entropy.min()),
            'entropy_mean': float(entropy.mean()),
@@ -332,8 +333,3 @@ def print_bounded(params, dims=dimension_numbers):
   """Prints what adamw2 bounds, leaf by leaf."""
   for name, how in optax_spectral.bounded_leaves(params, dims).items():
     print(f'  {name:<40} {how}')
-
-
-def save_json(path, obj):
-  with open(path, 'w') as f:
-    json.dump(obj, f, indent=1)

@@ -1,6 +1,5 @@
 """Optax conventions users rely on, and the safety cases."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
