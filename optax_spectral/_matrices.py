@@ -53,6 +53,7 @@ class MatrixView(NamedTuple):
   batch_shape: tuple[int, ...]
   rows: int
   cols: int
+  dtype: Any = None
 
   def describe(self) -> str:
     matrix = f'{self.rows}x{self.cols}'
@@ -191,7 +192,7 @@ def resolve_views(
     else:
       views[name] = f'passed through: {len(shape)}-D'
       continue
-    views[name] = matrix_view(shape, spec, name)
+    views[name] = matrix_view(shape, spec, name)._replace(dtype=leaf.dtype)
   return views
 
 

@@ -185,13 +185,10 @@ def scale_by_spectral_bound(
       # it leave ``matrices`` untouched.
       return ScaleBySpectralBoundState(count=jnp.zeros([], jnp.int32),
                                        matrices='not params-shaped')
-    leaves = dict(
-        (_matrices.path_name(path), leaf) for path, leaf in
-        jax.tree_util.tree_flatten_with_path(params)[0])
     key = jax.random.key(seed)
     matrices = {}
     for i, (name, view) in enumerate(views_of(params).items()):
-      dtype = leaves[name].dtype
+      dtype = view.dtype
       b = view.batch_shape
       m, n = view.rows, view.cols
       k = min(block_size, m, n)
