@@ -8,7 +8,7 @@ from optax_spectral._power_iteration import PowerIterationResult
 from optax_spectral._transform import scale_by_spectral_bound
 from optax_spectral._transform import ScaleBySpectralBoundState
 from optax_spectral._transform import spectral_stats
-from optax_spectral._transform import SpectralMatrixState
+from optax_spectral._transform import SpectralGroupState
 
 __version__ = '0.1.0'
 
@@ -21,5 +21,5 @@ __all__ = (
     'ScaleBySpectralBoundState',
     'spectral_stats',
     'SpectralDimensionNumbers',
-    'SpectralMatrixState',
+    'SpectralGroupState',
 )

@@ -1,5 +1,6 @@
 """``scale_by_spectral_bound``: the per-matrix step bound of AdamW²."""
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -8,8 +9,7 @@ import optax
 
 from optax_spectral import _matrices
 from optax_spectral._power_iteration import compute_dtype
-from optax_spectral._power_iteration import orthonormal_matmul
-from optax_spectral._power_iteration import power_iteration
+from optax_spectral._power_iteration import iterate_groups
 
 # Chosen by the sweep in benchmarks/defaults (see README, "Defaults").
 DEFAULT_TAU = 0.02
@@ -26,42 +26,79 @@ DEFAULT_BLOCK_SIZE = 8
 DEFAULT_MAX_EXTRAPOLATION = 0.15
 
 
-class SpectralMatrixState(NamedTuple):
-  """State of one bounded leaf (a batch of matrices, ``batch`` may be ``()``).
+# Per-leaf numbers of the last step, packed along a last axis of size 3 (one
+# array per leaf keeps the per-step cost at one small copy per leaf).
+STATS = ('sigma_weight', 'sigma_update', 'factor')
+
+
+class SpectralGroupState(NamedTuple):
+  """Power-iteration vectors of all bounded matrices of one shape and dtype.
+
+  Matrices are stacked in the order of their leaves (see
+  :func:`bounded_leaves`), a leaf with a batch of matrices contributing one
+  row per matrix. Vectors are rows, on each matrix's longer side ``L``.
 
   Attributes:
-    weight_u: left singular vector of ``W``, ``batch + (rows, 1)``.
-    weight_v: right singular vector of ``W``, ``batch + (cols, 1)``.
-    update_u: left block of the step, ``batch + (rows, block_size)``.
-    update_v: right block of the step, ``batch + (cols, block_size)``.
-    sigma_weight: last step's estimate of σ1(W), float32, ``batch``.
-    sigma_update: last step's estimate of σ1 of the unbounded step, float32.
-    factor: last step's applied factor ``min(1, τ σ1(W) / σ1(Δ))``, float32.
+    weight: σ1(W)'s singular vector, ``(matrices, 1, L)``, params' dtype.
+    update: the step's block, ``(matrices, block_size, L)``, params' dtype.
   """
-  weight_u: jax.Array
-  weight_v: jax.Array
-  update_u: jax.Array
-  update_v: jax.Array
-  sigma_weight: jax.Array
-  sigma_update: jax.Array
-  factor: jax.Array
+  weight: jax.Array
+  update: jax.Array
 
 
 class ScaleBySpectralBoundState(NamedTuple):
   """State of :func:`scale_by_spectral_bound`.
 
-  ``matrices`` is keyed by leaf name (see :func:`bounded_leaves`) rather than
-  shaped like the params: its arrays are vectors and scalars, and libraries
-  such as ``nnx.Optimizer`` give param-shaped state the param's sharding.
+  Neither part is shaped like the params (libraries such as ``nnx.Optimizer``
+  give param-shaped state the param's sharding):
+
+  * ``stats`` is keyed by leaf name (as in :func:`bounded_leaves`): float32
+    ``batch + (3,)``, the last step's σ1(W), σ1(Δ) before the bound, and the
+    applied factor of each matrix of the leaf. Read it with
+    :func:`spectral_stats`.
+  * ``groups`` is keyed by ``'<rows>x<cols> <dtype>'`` and holds the
+    power-iteration vectors of all same-shaped matrices stacked, so that the
+    per-step work runs once per group, not once per matrix.
   """
   count: jax.Array
-  matrices: dict[str, SpectralMatrixState]
+  stats: dict[str, jax.Array]
+  groups: dict[str, SpectralGroupState]
 
 
-def _orthonormal_block(key: jax.Array, shape: tuple[int, ...],
-                       dtype) -> jax.Array:
-  return jnp.linalg.qr(jax.random.normal(key, shape, jnp.float32))[0].astype(
-      dtype)
+class _Group(NamedTuple):
+  """Static plan: the leaves whose matrices share one shape and dtype."""
+  rows: int
+  cols: int
+  dtype: Any
+  names: tuple[str, ...]
+  sizes: tuple[int, ...]  # matrices per leaf
+
+  @property
+  def key(self) -> str:
+    return f'{self.rows}x{self.cols} {jnp.dtype(self.dtype).name}'
+
+  @property
+  def long(self) -> int:
+    return max(self.rows, self.cols)
+
+
+def _plan(views: dict[str, _matrices.MatrixView]) -> list[_Group]:
+  groups = {}
+  for name, view in views.items():
+    key = (view.rows, view.cols, jnp.dtype(view.dtype))
+    groups.setdefault(key, []).append(
+        (name, math.prod(view.batch_shape)))
+  return [_Group(m, n, dtype, tuple(x for x, _ in members),
+                 tuple(s for _, s in members))
+          for (m, n, dtype), members in groups.items()]
+
+
+def _orthonormal_rows(key: jax.Array, shape: tuple[int, ...],
+                      dtype) -> jax.Array:
+  # Only at init: the update itself calls no solver.
+  q = jnp.linalg.qr(jax.random.normal(key, shape[:-2] + shape[:-3:-1],
+                                      jnp.float32))[0]
+  return jnp.swapaxes(q, -1, -2).astype(dtype)
 
 
 def _check_hyperparameters(tau, max_extrapolation, **counts):
@@ -74,6 +111,21 @@ def _check_hyperparameters(tau, max_extrapolation, **counts):
   for name, n in counts.items():
     if isinstance(n, (int, float)) and (int(n) != n or n < 1):
       raise ValueError(f'{name} must be an integer >= 1, got {n}.')
+
+
+def _check_state(plan, views, state):
+  """Raises a short ValueError if params differ from those ``init`` saw."""
+  expected = {g.key: (sum(g.sizes), g.long) for g in plan}
+  found = {key: (s.update.shape[0], s.update.shape[-1])
+           for key, s in state.groups.items()}
+  if expected != found or set(views) != set(state.stats):
+    missing = sorted(set(views) ^ set(state.stats))[:3]
+    raise ValueError(
+        'The bounded matrices of params do not match the optimizer state '
+        f'(groups of matrices: state has {found}, params give {expected}'
+        + (f'; leaves in one but not the other: {missing}' if missing else '')
+        + '). Was the state initialised with other params or '
+        'dimension_numbers?')
 
 
 def scale_by_spectral_bound(
@@ -181,28 +233,26 @@ def scale_by_spectral_bound(
   def init_fn(params):
     if type(params).__name__ == '_ParamsPlaceholder':
       # ``optax.tree.map_params`` inits with a placeholder to find the
-      # param-shaped parts of the state. None of ours are: a leaf here makes
-      # it leave ``matrices`` untouched.
+      # param-shaped parts of the state. None of ours are: leaves here make
+      # it leave ``stats`` and ``groups`` untouched.
       return ScaleBySpectralBoundState(count=jnp.zeros([], jnp.int32),
-                                       matrices='not params-shaped')
+                                       stats='not params-shaped',
+                                       groups='not params-shaped')
+    views = views_of(params)
+    stats = {name: jnp.broadcast_to(jnp.asarray([0, 0, 1], jnp.float32),
+                                    view.batch_shape + (3,))
+             for name, view in views.items()}
     key = jax.random.key(seed)
-    matrices = {}
-    for i, (name, view) in enumerate(views_of(params).items()):
-      dtype = view.dtype
-      b = view.batch_shape
-      m, n = view.rows, view.cols
-      k = min(block_size, m, n)
-      keys = jax.random.split(jax.random.fold_in(key, i), 4)
-      zeros = jnp.zeros(b, jnp.float32)
-      matrices[name] = SpectralMatrixState(
-          weight_u=_orthonormal_block(keys[0], b + (m, 1), dtype),
-          weight_v=_orthonormal_block(keys[1], b + (n, 1), dtype),
-          update_u=_orthonormal_block(keys[2], b + (m, k), dtype),
-          update_v=_orthonormal_block(keys[3], b + (n, k), dtype),
-          sigma_weight=zeros, sigma_update=zeros,
-          factor=jnp.ones(b, jnp.float32))
+    groups = {}
+    for i, g in enumerate(_plan(views)):
+      k = min(block_size, g.rows, g.cols)
+      b = sum(g.sizes)
+      kw, kd = jax.random.split(jax.random.fold_in(key, i))
+      groups[g.key] = SpectralGroupState(
+          weight=_orthonormal_rows(kw, (b, 1, g.long), g.dtype),
+          update=_orthonormal_rows(kd, (b, k, g.long), g.dtype))
     return ScaleBySpectralBoundState(count=jnp.zeros([], jnp.int32),
-                                     matrices=matrices)
+                                     stats=stats, groups=groups)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -211,87 +261,71 @@ def scale_by_spectral_bound(
           'scale_by_spectral_bound bounds each step by σ1 of the params: call '
           'update(updates, state, params) with the params before this step.')
     views = views_of(params)
-    shapes = {n: v.batch_shape + (v.rows, v.cols) for n, v in views.items()}
-    state_shapes = {n: m.weight_u.shape[:-1] + m.weight_v.shape[-2:-1]
-                    for n, m in state.matrices.items()}
-    if shapes != state_shapes:
-      raise ValueError(
-          'The bounded matrices of params do not match the optimizer state: '
-          f'state has {state_shapes}, params give {shapes}. Was the state '
-          'initialised with other params or dimension_numbers?')
+    plan = _plan(views)
+    _check_state(plan, views, state)
+    named = lambda tree: {_matrices.path_name(p): x for p, x in
+                          jax.tree_util.tree_flatten_with_path(tree)[0]}
+    param_leaves, update_leaves = named(params), named(updates)
+    matrices = lambda leaves, g: [views[n].to_matrices(leaves[n])
+                                  for n in g.names]
     count = state.count
+    first = count == 0
+    n_d = jnp.where(first, num_iterations_first, num_iterations)
+    n_w = jnp.where(first, num_iterations_first,
+                    num_iterations_weight or 1)
+    # One call for every matrix, W and Δ alike: one loop, and the k×k work
+    # of each iteration batched over all groups.
+    states = [state.groups[g.key] for g in plan]
+    acc = [compute_dtype(g.dtype) for g in plan]
+    estimates = iterate_groups(
+        [matrices(param_leaves, g) for g in plan]
+        + [matrices(update_leaves, g) for g in plan],
+        [s.weight.astype(a) for s, a in zip(states, acc)]
+        + [s.update.astype(a) for s, a in zip(states, acc)],
+        [n_w] * len(plan) + [n_d] * len(plan))
     if learning_rate is None:
       lr_scale = 1.0
     else:
       lr = learning_rate(count) if callable(learning_rate) else learning_rate
       lr_scale = jnp.abs(lr)
-    new_matrices = {}
-
-    def bound_leaf(path, update, param):
-      name = _matrices.path_name(path)
-      view = views.get(name)
-      if view is None:
-        return update
-      st = state.matrices[name]
-      w = view.to_matrices(param)
-      d = view.to_matrices(update)
-
-      def first_step():
-        wr = power_iteration(w, st.weight_u, st.weight_v,
-                             num_iterations_first)
-        dr = power_iteration(d, st.update_u, st.update_v,
-                             num_iterations_first)
-        return (wr.sigma, wr.u, wr.v), tuple(dr)
-
-      def later_step():
-        dr = power_iteration(d, st.update_u, st.update_v, num_iterations)
-        if num_iterations_weight is not None:
-          wr = power_iteration(w, st.weight_u, st.weight_v,
-                               num_iterations_weight)
-          return (wr.sigma, wr.u, wr.v), tuple(dr)
-
-        # One product with W per step, alternating sides; see the docstring.
-        def left():
-          s, u = orthonormal_matmul(w, st.weight_v, st.weight_u,
-                                    transpose=False)
-          return s, u, st.weight_v.astype(u.dtype)
-
-        def right():
-          s, v = orthonormal_matmul(w, st.weight_u, st.weight_v,
-                                    transpose=True)
-          return s, st.weight_u.astype(v.dtype), v
-
-        wr = jax.lax.cond(count % 2 == 0, left, right)
-        return wr, tuple(dr)
-
-      (sigma_w, w_u, w_v), (sigma_d, sigma_half, d_u, d_v) = jax.lax.cond(
-          count == 0, first_step, later_step)
-      acc = compute_dtype(update.dtype)
+    new_stats, new_groups, factors = {}, {}, {}
+    for g, s, w, d in zip(plan, states, estimates[:len(plan)],
+                          estimates[len(plan):]):
       # Geometric extrapolation of the last iteration, capped: it only ever
       # raises the estimate, so the bound can only get tighter.
-      ratio = sigma_d / jnp.where(sigma_half > 0, sigma_half, sigma_d)
+      ratio = d.sigma / jnp.where(d.sigma_half > 0, d.sigma_half, d.sigma)
       ratio = jnp.clip(jnp.nan_to_num(ratio, nan=1.0), 1,
-                       1 + jnp.asarray(max_extrapolation, acc))
-      sigma_d = sigma_d * ratio * jnp.asarray(lr_scale, acc)
-      limit = jnp.asarray(tau, acc) * sigma_w
+                       1 + jnp.asarray(max_extrapolation, jnp.float32))
+      sigma_d = d.sigma * ratio * jnp.asarray(lr_scale, jnp.float32)
+      sigma_w = w.sigma
+      limit = jnp.asarray(tau, jnp.float32) * sigma_w
       # σ1(W) = 0: no bound (else a zero matrix never moves); σ1(Δ) = 0 or
       # non-finite: the comparison is False and the factor stays 1.
       active = (sigma_w > 0) & (sigma_d > limit)
       factor = jnp.where(active, limit / jnp.where(active, sigma_d, 1), 1)
-      dtype = st.update_v.dtype  # the state keeps the dtype init gave it
-      new_matrices[name] = SpectralMatrixState(
-          weight_u=w_u.astype(dtype), weight_v=w_v.astype(dtype),
-          update_u=d_u.astype(dtype), update_v=d_v.astype(dtype),
-          sigma_weight=sigma_w.astype(jnp.float32),
-          sigma_update=sigma_d.astype(jnp.float32),
-          factor=factor.astype(jnp.float32))
-      return (update * view.broadcastable(factor, update.ndim)).astype(
-          update.dtype)
+      new_groups[g.key] = SpectralGroupState(
+          weight=w.block.astype(s.weight.dtype),
+          update=d.block.astype(s.update.dtype))
+      packed = jnp.stack([sigma_w, sigma_d, factor], -1).astype(jnp.float32)
+      start = 0
+      for name, size in zip(g.names, g.sizes):
+        shape = views[name].batch_shape
+        new_stats[name] = packed[start:start + size].reshape(shape + (3,))
+        factors[name] = factor[start:start + size].reshape(shape)
+        start += size
 
-    updates = jax.tree_util.tree_map_with_path(bound_leaf, updates, params)
+    def bound_leaf(path, update):
+      name = _matrices.path_name(path)
+      if name not in factors:
+        return update
+      factor = views[name].broadcastable(factors[name], update.ndim)
+      return (update * factor).astype(update.dtype)
+
+    updates = jax.tree_util.tree_map_with_path(bound_leaf, updates)
     return updates, ScaleBySpectralBoundState(
         count=optax.safe_increment(count),
-        matrices={name: new_matrices[name] for name in state.matrices})
+        stats={name: new_stats[name] for name in state.stats},
+        groups=new_groups)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -327,13 +361,14 @@ def spectral_stats(opt_state: Any) -> dict[str, jax.Array]:
            if is_state(x)]
   if not found:
     raise ValueError('opt_state contains no scale_by_spectral_bound state.')
-  names = [name for s in found for name in s.matrices]
+  names = [name for s in found for name in s.stats]
   prefix = len(names) != len(set(names))
   stats = {}
   for i, s in enumerate(found):
-    for name, m in s.matrices.items():
+    for name, packed in s.stats.items():
       key = f'{i}/{name}' if prefix else name
-      for field in ('sigma_weight', 'sigma_update', 'factor'):
-        # jnp.asarray also unwraps nnx.Variable leaves of nnx.Optimizer.
-        stats[f'{key}/{field}'] = jnp.asarray(getattr(m, field))
+      # jnp.asarray also unwraps nnx.Variable leaves of nnx.Optimizer.
+      packed = jnp.asarray(packed)
+      for j, field in enumerate(STATS):
+        stats[f'{key}/{field}'] = packed[..., j]
   return stats

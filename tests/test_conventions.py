@@ -97,7 +97,7 @@ def test_unguarded_nan_step_does_not_poison_later_steps(problem):
   # our persistent vectors could carry the NaN forward.
   bad = jax.tree.map(lambda g: g * jnp.nan, grads[1])
   _, bad_state = tx.update(bad, state, params)
-  for leaf in jax.tree.leaves(bad_state[2].matrices):
+  for leaf in jax.tree.leaves(bad_state[2].groups):
     if leaf.ndim >= 2:
       assert np.isfinite(np.asarray(leaf)).all()
   recovered = (state[0], state[1], bad_state[2])
@@ -144,7 +144,7 @@ def test_map_params(problem):
   cast = optax.tree.map_params(tx, lambda x: x.astype(jnp.bfloat16), state)
   assert cast[0][0].mu['w'].dtype == jnp.bfloat16
   # The spectral state is not params-shaped and is left alone.
-  assert cast[1].matrices['w'].weight_v.dtype == jnp.float32
+  assert cast[1].groups['10x6 float32'].weight.dtype == jnp.float32
 
 
 def test_init_on_abstract_params(problem):
@@ -188,8 +188,9 @@ def test_dtypes_are_kept_through_cond(rng, dtype):
     assert all(u.dtype == dtype for u in jax.tree.leaves(updates))
     assert jax.tree.map(lambda x: x.dtype, new_state) == jax.tree.map(
         lambda x: x.dtype, state)
-    for name in ('weight_v', 'update_v'):
-      assert getattr(new_state[1].matrices['w'], name).dtype == dtype
+    # The power-iteration vectors keep the params' dtype too.
+    group = new_state[1].groups[f'8x6 {jnp.dtype(dtype).name}']
+    assert group.weight.dtype == group.update.dtype == dtype
     assert np.isfinite(np.asarray(updates['w'], np.float64)).all()
 
 
