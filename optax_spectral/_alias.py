@@ -54,8 +54,8 @@ def adamw2(
     tau: the largest allowed ``σ1(Δ) / σ1(W)`` per step.
     num_iterations: power iterations on the step per update.
     num_iterations_first: power iterations on the first update.
-    num_iterations_weight: ``None`` (one product with ``W`` per update) or
-      full power iterations on ``W`` per update.
+    num_iterations_weight: power iterations on ``W`` per update; ``None``
+      runs as many as on the step.
     block_size: vectors in the block power iteration on the step.
     max_extrapolation: largest relative correction of the step's σ1 estimate.
     dimension_numbers: which axes of each leaf form a matrix; see

@@ -38,10 +38,10 @@ _SHIFT = 1e-6
 # convergence negligibly.
 _MIX = 1e-2
 # Squarings of the k×k Gram when estimating its top eigenvalue: the estimate
-# weights eigenvalue λ_i by (λ_i/λ_1)^(2^8), a lower bound within 1e-6 of λ_1
-# when the top two singular values differ by 3% (σ ratio 0.97; 0.93 in λ),
-# and within 0.1% whatever the gap.
-_SQUARINGS = 8
+# weights eigenvalue λ_i by (λ_i/λ_1)^(2^7), a lower bound within 1e-5 of λ_1
+# when the top two singular values differ by 3% (σ ratio 0.97; 0.94 in λ),
+# and within 0.2% whatever the gap.
+_SQUARINGS = 7
 
 
 class PowerIterationResult(NamedTuple):
@@ -188,36 +188,44 @@ def _products(matrices: Sequence[jax.Array], block: jax.Array):
 
 
 def _over_groups(fn, *per_group):
-  """``fn`` applied once to the per-group arrays of each k, concatenated.
+  """``fn`` applied once to the k×k arrays of all groups, concatenated.
 
-  ``per_group[j][g]`` is ``(B_g, k_g, ...)``; ``fn`` maps such arrays to a
-  tuple of ``(B, ...)`` arrays, which are split back per group. This is what
-  makes the small work cost one set of kernels, not one per group.
+  ``per_group[j][g]`` is ``(B_g, k_g, k_g)``; groups with a smaller k are
+  zero-padded to the largest (a zero row and column of a Gram changes
+  neither its Cholesky-QR on the other rows nor its top eigenvalue). ``fn``
+  maps such arrays to a tuple of ``(B, ...)`` arrays, which are split back
+  per group and cropped to its k. This is what makes the small work one set
+  of kernels for the whole model, not one per group.
   """
-  num = len(per_group[0])
-  by_k = {}
-  for g in range(num):
-    by_k.setdefault(per_group[0][g].shape[1], []).append(g)
-  out = [None] * num
-  for idx in by_k.values():
-    cat = lambda xs: jnp.concatenate(xs) if len(xs) > 1 else xs[0]
-    results = fn(*[cat([arrays[g] for g in idx]) for arrays in per_group])
-    start = 0
-    for g in idx:
-      size = per_group[0][g].shape[0]
-      out[g] = tuple(r[start:start + size] for r in results)
-      start += size
+  k = max(a.shape[-1] for a in per_group[0])
+  pad = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 2)
+                          + [(0, k - a.shape[-2]), (0, k - a.shape[-1])])
+  cat = lambda xs: jnp.concatenate(xs) if len(xs) > 1 else xs[0]
+  results = fn(*[cat([pad(a) for a in arrays]) for arrays in per_group])
+  out, start = [], 0
+  for a in per_group[0]:
+    size, kg = a.shape[0], a.shape[-1]
+    crop = lambda r: r[start:start + size][(...,) + (slice(0, kg),) * (
+        r.ndim - 1)]
+    out.append(tuple(crop(r) for r in results))
+    start += size
   return out
 
 
 def _orthonormalizer(gram: jax.Array) -> jax.Array:
   """``C`` such that ``C Y`` has orthonormal rows, where ``gram = Y Yᵀ``.
 
-  Shifted Cholesky-QR: ``C = L⁻¹`` with ``L Lᵀ = gram + shift``, so that
-  ``(C Y)(C Y)ᵀ ≼ I``: rows that ``Y`` does not span come out short, never
-  long, and Ritz values computed from them stay lower bounds.
+  Shifted Cholesky-QR on the equilibrated Gram (rows scaled to unit norm
+  first, so that rows of very different lengths — a converged direction and
+  the rest — do not make it ill-conditioned): ``C = L⁻¹ D`` with
+  ``L Lᵀ = D gram D + shift``, so that ``(C Y)(C Y)ᵀ ≼ I``: rows that ``Y``
+  does not span come out short, never long, and Ritz values computed from
+  them stay lower bounds.
   """
-  return _lower_inverse(_shifted_cholesky(gram))
+  diag = jnp.diagonal(gram, axis1=-2, axis2=-1)
+  scale = jax.lax.rsqrt(jnp.maximum(diag, jnp.finfo(gram.dtype).tiny))
+  gram = gram * scale[..., :, None] * scale[..., None, :]
+  return _lower_inverse(_shifted_cholesky(gram)) * scale[..., None, :]
 
 
 class _Estimate(NamedTuple):
@@ -234,38 +242,45 @@ def _mm(a, b):
 def _iteration(groups, blocks) -> list[_Estimate]:
   """One block iteration on every group of matrices.
 
-  ``U = orth(A X)``, ``Z = Aᵀ U``, ``X ← orth(Z + μ X)``; ``σ_half`` and
-  ``σ`` are the top Ritz values ``σ_max(A X)`` and ``σ_max(Aᵀ U)``. Since
-  ``Aᵀ U = C (Aᵀ Y)`` for ``U = C Y``, both products run back to back per
-  matrix and all the rest runs per group, with the k×k work batched over all
-  groups.
+  ``Y = A X``, ``U = orth(Y)``, ``Z = Aᵀ U``, ``X ← orth(Aᵀ Y + μ X)``;
+  ``σ_half`` and ``σ`` are the top Ritz values ``σ_max(Y)`` and
+  ``σ_max(Z)``. Both products run back to back per matrix (``Aᵀ U = C Aᵀ Y``
+  for ``U = C Y``); all the rest runs per group, and the k×k work in two
+  batches for the whole model: one Cholesky-QR for both ``U`` and the next
+  ``X``, one top-eigenvalue computation for both Ritz values.
   """
   products = [_products(g, x) for g, x in zip(groups, blocks)]
   grams_y = [_gram(y) for y, _ in products]
-  coeffs = _over_groups(lambda g: (_orthonormalizer(g),), grams_y)
-  zs = [_mm(c, z) for (c,), (_, z) in zip(coeffs, products)]
+  grams_ay = [_gram(ay) for _, ay in products]
 
-  def ritz(gram_y, gram_z, coeff):
-    # Both top eigenvalues in one batch: σ_half² of Y Yᵀ, σ² of Z Zᵀ.
+  def orthonormalizers(gram_y, gram_ay):
+    # The next block spans Aᵀ Y, plus μ X (μ ~ 1% of Aᵀ Y's rows), which
+    # keeps it of full rank when a step is not. Its Gram follows from those
+    # at hand: X (Aᵀ Y)ᵀ = Y Yᵀ, X Xᵀ = I.
+    k = gram_y.shape[-1]
+    mix = _MIX * jnp.sqrt(_trace(gram_ay) / k)[..., None, None]
+    mixed = gram_ay + 2 * mix * gram_y + mix**2 * jnp.eye(k, dtype=mix.dtype)
+    coeff = _orthonormalizer(jnp.concatenate([gram_y, mixed]))
+    coeff_u, coeff_x = jnp.split(coeff, 2)
+    return coeff_u, coeff_x, mix[..., 0]
+
+  coeffs = _over_groups(orthonormalizers, grams_y, grams_ay)
+  zs = [_mm(cu, ay) for (cu, _, _), (_, ay) in zip(coeffs, products)]
+
+  def ritz(gram_y, gram_z):
     top = _top_eigenvalue(jnp.concatenate([gram_y, gram_z]))
     half, sigma = jnp.split(jnp.sqrt(jnp.maximum(top, 0)), 2)
-    # Mixing in μ·X, μ ~ 1% of Z's rows, keeps the block of full rank when
-    # a step is not. Its Gram follows from those at hand (X Zᵀ = Y Uᵀ =
-    # Y Yᵀ Cᵀ, X Xᵀ = I).
-    k = gram_z.shape[-1]
-    mix = _MIX * jnp.sqrt(_trace(gram_z) / k)[..., None, None]
-    cross = _mm(gram_y, jnp.swapaxes(coeff, -1, -2))
-    mixed = (gram_z + mix * (cross + jnp.swapaxes(cross, -1, -2))
-             + mix**2 * jnp.eye(k, dtype=gram_z.dtype))
-    return sigma, half, mix, _orthonormalizer(mixed)
+    return sigma, half
 
-  finals = _over_groups(ritz, grams_y, [_gram(z) for z in zs],
-                        [c for (c,) in coeffs])
+  sigmas = _over_groups(ritz, grams_y, [_gram(z) for z in zs])
   out = []
-  for (sigma, half, mix, coeff), z, x in zip(finals, zs, blocks):
-    new = _mm(coeff, z + mix * x)
+  for (sigma, half), (_, cx, mix), (_, ay), x in zip(sigmas, coeffs,
+                                                     products, blocks):
+    # Aᵀ U is finite where σ is (σ² = λ_max of its Gram); a zero or
+    # non-finite step keeps the previous block.
     ok = (jnp.isfinite(sigma) & (sigma > 0) & jnp.isfinite(half)
-          & jnp.all(jnp.isfinite(new), axis=(-2, -1)))
+          & jnp.all(jnp.isfinite(cx), axis=(-2, -1)))
+    new = _mm(cx, ay + mix[..., None] * x)
     out.append(_Estimate(sigma, half, jnp.where(ok[:, None, None], new, x),
                          ok))
   return out
@@ -299,9 +314,14 @@ def iterate_groups(
   carry = ([jnp.asarray(b) for b in blocks], zeros, zeros,
            [jnp.zeros(b.shape[:1], bool) for b in blocks])
 
+  same = all(n is num_iterations[0] for n in num_iterations)
+
   def body(i, carry):
     blocks, sigmas, halves, oks = carry
     estimates = _iteration(groups, blocks)
+    if same:  # every group runs every iteration
+      return tuple(list(x) for x in zip(*[(e.block, e.sigma, e.sigma_half,
+                                             e.ok) for e in estimates]))
     keep = lambda new, old, n: jnp.where(i < n, new, old)
     return ([keep(e.block, b, n) for e, b, n in zip(estimates, blocks, counts)],
             [keep(e.sigma, s, n) for e, s, n in zip(estimates, sigmas, counts)],

@@ -153,24 +153,31 @@ def scale_by_spectral_bound(
   learning-rate scaling, pass the same ``learning_rate``; the bound then uses
   ``|learning_rate(count)| · σ1(Δ)`` and the final update is the same.
 
-  σ1 is estimated by warm-started power iteration, vectors kept in the state
-  (:func:`power_iteration`), accumulating in at least float32:
+  σ1 is estimated by warm-started power iteration (:func:`power_iteration`),
+  vectors kept in the state, accumulating in at least float32, with the
+  products at full float32 precision (not TF32):
 
-  * ``σ1(W)``: one matrix-vector product per step, alternating ``W v`` and
-    ``Wᵀ u``. ``W`` moves little per step, so its vectors stay converged; the
-    estimate is a lower bound, which errs towards a tighter bound (by about
-    1% when the bound is active for many steps in a row and turns ``W``).
-    ``num_iterations_weight`` asks for full iterations instead.
-  * ``σ1(Δ)``: ``Δ`` is new every step, so it gets ``num_iterations`` full
-    iterations with a block of ``block_size`` vectors. A lower bound ``σ`` is
-    loose on noise-like steps (about -10% to -12% worst case with the defaults
-    when gradients change direction every step), which would make the bound
-    looser than asked. The estimate is therefore extrapolated from the last
-    iteration's convergence, ``σ · min(σ / σ_half, 1 + max_extrapolation)``
-    (``σ_half = σ_max(Δ V) <= σ``): exact when converged, within 10% in the
-    same worst case, and never more than ``max_extrapolation`` above ``σ``.
+  * ``σ1(W)``: one iteration per step with one vector (two matrix-vector
+    products). ``W`` moves little per step, so its vector stays converged;
+    the estimate is a lower bound, which errs towards a tighter bound.
+  * ``σ1(Δ)``: ``Δ`` is new every step, so it gets ``num_iterations``
+    iterations with a block of ``block_size`` vectors (subspace iteration:
+    about the cost of one vector on accelerators). A lower bound ``σ`` is
+    loose on noise-like steps, which would make the bound looser than asked.
+    The estimate is therefore extrapolated from the last iteration's
+    convergence, ``σ · min(σ / σ_half, 1 + max_extrapolation)`` (``σ_half =
+    σ_max(Δ V) <= σ``): exact when converged, never more than
+    ``max_extrapolation`` above ``σ``. With the defaults, when gradients
+    change direction every step, the applied step stays within 0.1% of
+    ``τ σ1(W)`` and about 3% below it on median (tests/test_transform.py).
   * The first step runs ``num_iterations_first`` iterations on both, from a
-    cold start.
+    cold start, in the same loop as later steps (no separate branch).
+  * The work is batched: all bounded matrices of one shape and dtype form a
+    group, whose vectors are stacked in the state; only the products run per
+    matrix, and the rest (Gram matrices, Cholesky-QR, Ritz values) runs once
+    per group or once for all groups, in plain ``jnp`` arithmetic. The update
+    calls no solver (no QR, eigh or Cholesky custom call), so that a model's
+    cost on GPUs and TPUs follows its number of shapes, not of layers.
 
   Guards: a matrix with ``σ1(W) = 0`` (e.g. zero-initialised) is not bounded
   on that step, as in optax's trust ratio, so it can still move; ``σ1(Δ) = 0``
@@ -184,8 +191,9 @@ def scale_by_spectral_bound(
     num_iterations: power iterations on ``Δ`` per step.
     num_iterations_first: power iterations on ``W`` and ``Δ`` on the first
       step, from a cold start.
-    num_iterations_weight: ``None`` for one product with ``W`` per step
-      (half an iteration), or a number of full iterations on ``W`` per step.
+    num_iterations_weight: power iterations on ``W`` per step; ``None``
+      (default) runs as many as on ``Δ``. A different number shares the loop
+      and costs the larger of the two.
     block_size: vectors in the block power iteration on ``Δ`` (at most the
       matrix's smaller dimension).
     max_extrapolation: largest relative correction of the ``σ1(Δ)`` estimate;
@@ -271,8 +279,8 @@ def scale_by_spectral_bound(
     count = state.count
     first = count == 0
     n_d = jnp.where(first, num_iterations_first, num_iterations)
-    n_w = jnp.where(first, num_iterations_first,
-                    num_iterations_weight or 1)
+    n_w = n_d if num_iterations_weight in (None, num_iterations) else (
+        jnp.where(first, num_iterations_first, num_iterations_weight))
     # One call for every matrix, W and Δ alike: one loop, and the k×k work
     # of each iteration batched over all groups.
     states = [state.groups[g.key] for g in plan]
