@@ -290,6 +290,7 @@ def iterate_groups(
     groups: Sequence[Sequence[jax.Array]],
     blocks: Sequence[jax.Array],
     num_iterations: Sequence[int | jax.Array],
+    cold_start: jax.Array | None = None,
 ) -> list[_Estimate]:
   """Warm-started block power iteration on several groups of matrices.
 
@@ -298,9 +299,13 @@ def iterate_groups(
       shape and dtype.
     blocks: ``blocks[g]`` is ``(Σ_i |batch_i|, k_g, max(m_g, n_g))`` with
       orthonormal rows, in at least float32.
-    num_iterations: per group; may be traced. One loop runs ``max`` of them
-      and each group keeps its own result after its own count, so that a
-      traced count (the first step's) never duplicates the graph.
+    num_iterations: per group. Python ints are unrolled, with no control
+      flow: on GPUs every loop or branch on device data makes the host wait
+      for the device. Traced counts (e.g. injected hyperparameters) run one
+      ``fori_loop`` over the largest, each group keeping its own result.
+    cold_start: a traced number of extra iterations to run first on every
+      group (the first step's), in one ``lax.cond``: a single branch for the
+      whole model, whose body is one iteration.
 
   Returns:
     One :class:`_Estimate` per group. Where a matrix's products are zero or
@@ -308,39 +313,38 @@ def iterate_groups(
   """
   if not blocks:
     return []
-  acc = [b.dtype for b in blocks]
-  counts = [jnp.asarray(n, jnp.int32) for n in num_iterations]
-  zeros = [jnp.zeros(b.shape[:1], a) for b, a in zip(blocks, acc)]
+  zeros = [jnp.zeros(b.shape[:1], b.dtype) for b in blocks]
   carry = ([jnp.asarray(b) for b in blocks], zeros, zeros,
            [jnp.zeros(b.shape[:1], bool) for b in blocks])
 
-  same = all(n is num_iterations[0] for n in num_iterations)
+  def body(i, carry, counts=None):
+    """One iteration; groups whose count is reached keep their carry."""
+    estimates = _iteration(groups, carry[0])
+    new = [(e.block, e.sigma, e.sigma_half, e.ok) for e in estimates]
+    if counts is None:
+      return tuple(list(x) for x in zip(*new))
+    keep = lambda n, a, b: (a if isinstance(n, int) and i < n else
+                            b if isinstance(n, int) else
+                            jnp.where(i < n, a, b))
+    return tuple(
+        [keep(n, a, b) for n, a, b in zip(counts, field_new, field_old)]
+        for field_new, field_old in zip(zip(*new), carry))
 
-  def body(i, carry):
-    blocks, sigmas, halves, oks = carry
-    estimates = _iteration(groups, blocks)
-    if same:  # every group runs every iteration
-      return tuple(list(x) for x in zip(*[(e.block, e.sigma, e.sigma_half,
-                                             e.ok) for e in estimates]))
-    keep = lambda new, old, n: jnp.where(i < n, new, old)
-    return ([keep(e.block, b, n) for e, b, n in zip(estimates, blocks, counts)],
-            [keep(e.sigma, s, n) for e, s, n in zip(estimates, sigmas, counts)],
-            [keep(e.sigma_half, s, n)
-             for e, s, n in zip(estimates, halves, counts)],
-            [keep(e.ok, o, n) for e, o, n in zip(estimates, oks, counts)])
-
-  static = [n for n in num_iterations if isinstance(n, int)]
-  if len(static) == len(num_iterations) and len(set(static)) == 1 and (
-      static[0] <= 2):
-    # Unrolled when every count is the same small constant: a loop of one or
-    # two steps costs more than its body.
-    for i in range(static[0]):
-      carry = body(i, carry)
+  if cold_start is not None:
+    carry = jax.lax.cond(
+        cold_start > 0,
+        lambda c: jax.lax.fori_loop(0, cold_start, body, c),
+        lambda c: c, carry)
+  if all(isinstance(n, int) for n in num_iterations):
+    for i in range(max(num_iterations)):
+      carry = body(i, carry, num_iterations)
   else:
+    counts = [jnp.asarray(n, jnp.int32) for n in num_iterations]
     trips = counts[0]
     for n in counts[1:]:
       trips = jnp.maximum(trips, n)
-    carry = jax.lax.fori_loop(0, trips, body, carry)
+    carry = jax.lax.fori_loop(0, trips,
+                              lambda i, c: body(i, c, counts), carry)
   blocks, sigmas, halves, oks = carry
   return [_Estimate(*e) for e in zip(sigmas, halves, blocks, oks)]
 

@@ -277,12 +277,19 @@ def scale_by_spectral_bound(
     matrices = lambda leaves, g: [views[n].to_matrices(leaves[n])
                                   for n in g.names]
     count = state.count
-    first = count == 0
-    n_d = jnp.where(first, num_iterations_first, num_iterations)
-    n_w = n_d if num_iterations_weight in (None, num_iterations) else (
-        jnp.where(first, num_iterations_first, num_iterations_weight))
-    # One call for every matrix, W and Δ alike: one loop, and the k×k work
-    # of each iteration batched over all groups.
+    steady = [num_iterations_weight or num_iterations] * len(plan) + [
+        num_iterations] * len(plan)
+    if all(isinstance(n, int) for n in steady):
+      # Later steps unroll their iterations (no control flow); the first
+      # step's extra iterations run in one branch for the whole model.
+      cold_start = jnp.where(count == 0, jnp.maximum(
+          num_iterations_first - min(steady, default=0), 0), 0)
+    else:  # traced counts (inject_hyperparams): one loop
+      steady = [jnp.where(count == 0, num_iterations_first, n)
+                for n in steady]
+      cold_start = None
+    # One call for every matrix, W and Δ alike: the k×k work of each
+    # iteration is batched over all groups.
     states = [state.groups[g.key] for g in plan]
     acc = [compute_dtype(g.dtype) for g in plan]
     estimates = iterate_groups(
@@ -290,7 +297,7 @@ def scale_by_spectral_bound(
         + [matrices(update_leaves, g) for g in plan],
         [s.weight.astype(a) for s, a in zip(states, acc)]
         + [s.update.astype(a) for s, a in zip(states, acc)],
-        [n_w] * len(plan) + [n_d] * len(plan))
+        steady, cold_start)
     if learning_rate is None:
       lr_scale = 1.0
     else:

@@ -51,11 +51,12 @@ def test_cost_grows_by_products_only():
   extra = lambda n: (counts[n]['adamw2']['nonproduct']
                      - counts[n]['adamw']['nonproduct'])
   per_matrix = (extra(4) - extra(2)) / added
-  # Measured 7.25 on XLA:CPU 0.10: per matrix, a slice of each of its two
-  # power-iteration blocks, a relayout of each matrix-vector product, its
-  # stats, the scaled update and Adam's step written out for the products.
-  # It was 83 with per-matrix solver calls and branches.
-  assert per_matrix <= 8, per_matrix
+  # Measured 11.5 on XLA:CPU 0.10, of which a step runs about 7.5: per
+  # matrix, a slice of each of its two power-iteration blocks and a relayout
+  # of each matrix-vector product, both in the steady-state iteration and in
+  # the first step's branch; its stats, the scaled update, and Adam's step
+  # written out for the products. It was 83 with per-matrix solver calls.
+  assert per_matrix <= 12, per_matrix
   # One stacked leaf and a list of the same matrices share one group.
   stacked = overhead.transformer_params(4, 16, {'wte': (64, 16)},
                                         stacked=True, abstract=True)
