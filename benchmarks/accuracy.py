@@ -135,11 +135,13 @@ def main():
   p.add_argument('--lr', type=float, default=1e-2)
   p.add_argument('--tau', type=float, default=0.02)
   p.add_argument('--out', default=os.path.join(HERE, 'results', 'accuracy'))
+  p.add_argument('--settings', nargs='+', default=list(SETTINGS),
+                 choices=list(SETTINGS), help='estimator settings to run')
   args = p.parse_args()
   steps = args.steps or (40 if args.quick else 300)
   preset = 'tiny' if args.quick else 'small'
   all_rows, summary = {}, {}
-  for setting in SETTINGS:
+  for setting in args.settings:
     all_rows[setting] = run(setting, steps, preset, args.lr, args.tau)
     summary[setting] = summarize(all_rows[setting])
     print(setting, json.dumps(summary[setting]), flush=True)

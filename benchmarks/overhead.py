@@ -284,6 +284,7 @@ def to_markdown(result: dict) -> str:
           f"{v['median_s'] / base['median_s']:.3f} | {v['compile_s']:.2f} | "
           f"{v['kernels']} | {v['nonproduct']} | "
           f"{v['state_bytes'] / base['state_bytes']:.4f} |")
+  lines.append('')
   g = r['growth']
   if g:
     lo, hi = g['layers']

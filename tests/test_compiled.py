@@ -9,7 +9,6 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import optax
-import pytest
 
 import optax_spectral
 
