@@ -379,7 +379,8 @@ def power_iteration(
       finite).
     v: warm-start right block, ``batch + (n, k)``, orthonormal; used if
       ``m <= n``. ``k <= min(m, n)``.
-    num_iterations: a Python int or a traced integer (e.g. from
+    num_iterations: a Python int (1 or 2 are unrolled; more run a
+      ``fori_loop``) or a traced integer (e.g. from
       ``optax.inject_hyperparams``).
 
   Returns:
@@ -400,6 +401,10 @@ def power_iteration(
   size = math.prod(batch)
   start = jnp.swapaxes(u if tall else v, -1, -2).astype(acc)
   k = start.shape[-2]
+  if isinstance(num_iterations, int) and num_iterations > 2:
+    # A loop, not an unrolled graph: many iterations would multiply the
+    # compile time (the optimizer's steady state unrolls its one or two).
+    num_iterations = jnp.asarray(num_iterations)
   (est,) = iterate_groups([[matrix]], [start.reshape(size, k, max(m, n))],
                           [num_iterations])
   # The persistent block is orthonormalised once per iteration, which is

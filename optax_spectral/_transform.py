@@ -171,7 +171,9 @@ def scale_by_spectral_bound(
     change direction every step, the applied step stays within 0.1% of
     ``τ σ1(W)`` and about 3% below it on median (tests/test_transform.py).
   * The first step runs ``num_iterations_first`` iterations on both, from a
-    cold start, in the same loop as later steps (no separate branch).
+    cold start: the extra iterations run in one ``lax.cond`` for the whole
+    model (not one per matrix); later steps unroll theirs, with no control
+    flow (on GPUs each loop or branch on device data makes the host wait).
   * The work is batched: all bounded matrices of one shape and dtype form a
     group, whose vectors are stacked in the state; only the products run per
     matrix, and the rest (Gram matrices, Cholesky-QR, Ritz values) runs once
