@@ -148,8 +148,9 @@ def schedule(cfg: OptimizerConfig) -> optax.Schedule:
   return optax.cosine_decay_schedule(cfg.lr, max(cfg.steps, 1), alpha=0.1)
 
 
-def make_optimizer(cfg: OptimizerConfig):
-  """``adamw`` or ``adamw2`` on :func:`schedule`."""
+def make_optimizer(cfg: OptimizerConfig, **adamw2_options):
+  """``adamw`` or ``adamw2`` on :func:`schedule`; ``adamw2_options`` go to
+  :func:`optax_spectral.adamw2`."""
   lr = schedule(cfg)
   # No weight decay on biases and norm scales (1-D, or 2-D when stacked).
   decay = lambda params: jax.tree.map(
@@ -163,7 +164,8 @@ def make_optimizer(cfg: OptimizerConfig):
     tau = {} if cfg.tau is None else {'tau': cfg.tau}
     return optax_spectral.adamw2(lr, b2=cfg.b2, weight_decay=cfg.weight_decay,
                                  mask=decay,
-                                 dimension_numbers=dimension_numbers, **tau)
+                                 dimension_numbers=dimension_numbers, **tau,
+                                 **adamw2_options)
   raise ValueError(f'unknown optimizer {cfg.name!r}: use adamw or adamw2')
 
 

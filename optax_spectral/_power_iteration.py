@@ -163,21 +163,47 @@ def _gram(a: jax.Array) -> jax.Array:
 # --- one iteration on groups of same-shaped matrices. -----------------------
 
 
-def _products(matrices: Sequence[jax.Array], block: jax.Array):
+def _stacked(matrices: Sequence[jax.Array]) -> list[jax.Array]:
+  """The operands of a group's products: runs of plain matrices stacked.
+
+  A Python list of 12 layers gives 12 two-dimensional leaves of one shape;
+  stacked into one ``(12, m, n)`` copy, each product is one batched kernel
+  for the whole run rather than one kernel (and a slice and a copy of the
+  vectors) per matrix. That copy is made once per step, before the
+  iterations, and is freed after the last product. Leaves that are already
+  batches of matrices (e.g. stacked by ``nnx.scan``) are used in place.
+  """
+  chunks, run = [], []
+  def flush():
+    if run:
+      chunks.append(jnp.stack(run) if len(run) > 1 else run[0][None])
+      run.clear()
+  for mat in matrices:
+    if mat.ndim == 2:
+      run.append(mat)
+    else:
+      flush()
+      chunks.append(mat)
+  flush()
+  return chunks
+
+
+def _products(chunks: Sequence[jax.Array], block: jax.Array):
   """Both products of each matrix of a group with its rows of ``block``.
 
-  ``matrices`` all have shape ``batch_i + (m, n)``; ``block`` is ``(B, k,
-  L)``, ``B = Σ|batch_i|``, its rows on the longer side. Returns ``Y = A X``
-  ``(B, k, S)`` and ``Aᵀ Y`` ``(B, k, L)``. Only these products run per
-  matrix; everything after them runs once per group.
+  ``chunks`` (from :func:`_stacked`) all have shape ``batch_i + (m, n)``;
+  ``block`` is ``(B, k, L)``, ``B = Σ|batch_i|``, its rows on the longer
+  side. Returns ``Y = A X`` ``(B, k, S)`` and ``Aᵀ Y`` ``(B, k, L)``. Only
+  these products run per chunk; everything after them runs once per group.
   """
-  m, n = matrices[0].shape[-2:]
+  m, n = chunks[0].shape[-2:]
   tall = m > n
   ys, zs, start = [], [], 0
-  for mat in matrices:
+  for mat in chunks:
     batch = mat.shape[:-2]
     size = math.prod(batch)
-    x = block[start:start + size].reshape(batch + block.shape[1:])
+    x = block[start:start + size] if len(chunks) > 1 else block
+    x = x.reshape(batch + block.shape[1:])
     start += size
     y = _product(x, mat, contract_rows=tall, acc=block.dtype)
     z = _product(y, mat, contract_rows=not tall, acc=block.dtype)
@@ -313,6 +339,7 @@ def iterate_groups(
   """
   if not blocks:
     return []
+  groups = [_stacked(g) for g in groups]
   zeros = [jnp.zeros(b.shape[:1], b.dtype) for b in blocks]
   carry = ([jnp.asarray(b) for b in blocks], zeros, zeros,
            [jnp.zeros(b.shape[:1], bool) for b in blocks])

@@ -284,8 +284,8 @@ def scale_by_spectral_bound(
     if all(isinstance(n, int) for n in steady):
       # Later steps unroll their iterations (no control flow); the first
       # step's extra iterations run in one branch for the whole model.
-      cold_start = jnp.where(count == 0, jnp.maximum(
-          num_iterations_first - min(steady, default=0), 0), 0)
+      extra = num_iterations_first - min(steady, default=0)
+      cold_start = jnp.where(count == 0, extra, 0) if extra > 0 else None
     else:  # traced counts (inject_hyperparams): one loop
       steady = [jnp.where(count == 0, num_iterations_first, n)
                 for n in steady]
