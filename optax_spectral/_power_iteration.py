@@ -329,9 +329,9 @@ def iterate_groups(
       flow: on GPUs every loop or branch on device data makes the host wait
       for the device. Traced counts (e.g. injected hyperparameters) run one
       ``fori_loop`` over the largest, each group keeping its own result.
-    cold_start: a traced number of extra iterations to run first on every
-      group (the first step's), in one ``lax.cond``: a single branch for the
-      whole model, whose body is one iteration.
+    cold_start: a traced number of extra iterations to run on every group
+      after the others (the first step's), in one ``lax.cond``: a single
+      branch for the whole model, whose body is one iteration.
 
   Returns:
     One :class:`_Estimate` per group. Where a matrix's products are zero or
@@ -357,11 +357,6 @@ def iterate_groups(
         [keep(n, a, b) for n, a, b in zip(counts, field_new, field_old)]
         for field_new, field_old in zip(zip(*new), carry))
 
-  if cold_start is not None:
-    carry = jax.lax.cond(
-        cold_start > 0,
-        lambda c: jax.lax.fori_loop(0, cold_start, body, c),
-        lambda c: c, carry)
   if all(isinstance(n, int) for n in num_iterations):
     for i in range(max(num_iterations)):
       carry = body(i, carry, num_iterations)
@@ -372,6 +367,15 @@ def iterate_groups(
       trips = jnp.maximum(trips, n)
     carry = jax.lax.fori_loop(0, trips,
                               lambda i, c: body(i, c, counts), carry)
+  if cold_start is not None:
+    # After the steady iterations, not before: XLA:GPU makes the host wait
+    # for the device at a branch, and then launch what follows it one kernel
+    # at a time; placed last, only the caller's few kernels that use the
+    # estimates follow it.
+    carry = jax.lax.cond(
+        cold_start > 0,
+        lambda c: jax.lax.fori_loop(0, cold_start, body, c),
+        lambda c: c, carry)
   blocks, sigmas, halves, oks = carry
   return [_Estimate(*e) for e in zip(sigmas, halves, blocks, oks)]
 
