@@ -9,12 +9,14 @@ from optax_spectral._transform import scale_by_spectral_bound
 from optax_spectral._transform import ScaleBySpectralBoundState
 from optax_spectral._transform import spectral_stats
 from optax_spectral._transform import SpectralGroupState
+from optax_spectral import diagnostics  # after the names it uses
 
 __version__ = '0.1.0'
 
 __all__ = (
     'adamw2',
     'bounded_leaves',
+    'diagnostics',
     'power_iteration',
     'PowerIterationResult',
     'scale_by_spectral_bound',

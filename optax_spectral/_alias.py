@@ -21,10 +21,10 @@ def adamw2(
     *,
     nesterov: bool = False,
     tau: jax.typing.ArrayLike = _transform.DEFAULT_TAU,
-    num_iterations: int = _transform.DEFAULT_NUM_ITERATIONS,
-    num_iterations_first: int = _transform.DEFAULT_NUM_ITERATIONS_FIRST,
+    num_iterations: int | None = None,
+    num_iterations_first: int | None = None,
     num_iterations_weight: int | None = None,
-    block_size: int = _transform.DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
     max_extrapolation: jax.typing.ArrayLike = (
         _transform.DEFAULT_MAX_EXTRAPOLATION),
     dimension_numbers: _matrices.DimensionNumbersOrFn = None,
@@ -52,11 +52,15 @@ def adamw2(
     mask: which leaves get weight decay, as in ``optax.adamw``.
     nesterov: use Nesterov momentum (NAdamW).
     tau: the largest allowed ``σ1(Δ) / σ1(W)`` per step.
-    num_iterations: power iterations on the step per update.
-    num_iterations_first: power iterations on the first update.
+    num_iterations: power iterations on the step per update (``None``: 1).
+    num_iterations_first: power iterations on the first update (``None``:
+      20; see :func:`scale_by_spectral_bound` for its cost on GPUs).
     num_iterations_weight: power iterations on ``W`` per update; ``None``
       runs as many as on the step.
-    block_size: vectors in the block power iteration on the step.
+    block_size: vectors in the block power iteration on the step (``None``:
+      8). Shape settings default to ``None`` so that
+      ``optax.inject_hyperparams(adamw2)`` works as it does for
+      ``optax.adamw``.
     max_extrapolation: largest relative correction of the step's σ1 estimate.
     dimension_numbers: which axes of each leaf form a matrix; see
       :func:`scale_by_spectral_bound` and :func:`bounded_leaves`.
@@ -82,7 +86,7 @@ def adamw2(
     Loshchilov and Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
   """
-  return optax.chain(
+  tx = optax.chain(
       optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
                   mu_dtype=mu_dtype, weight_decay=weight_decay, mask=mask,
                   nesterov=nesterov),
@@ -93,3 +97,32 @@ def adamw2(
           max_extrapolation=max_extrapolation,
           dimension_numbers=dimension_numbers, bound_vectors=bound_vectors),
   )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    _check_like_init(updates, state)
+    return tx.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
+def _check_like_init(updates, state) -> None:
+  """A short ValueError naming the leaves, where optax would fail deep inside
+  (``add got incompatible shapes``) on grads unlike the params of ``init``."""
+  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+  adam = [x for x in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(x)]
+  if not adam:
+    return
+  shapes = lambda tree: {
+      _matrices.path_name(p): tuple(getattr(x, 'shape', ()))
+      for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  want, got = shapes(adam[0].mu), shapes(updates)
+  if want == got:
+    return
+  problems = [f'{n!r} missing' for n in sorted(set(want) - set(got))]
+  problems += [f'{n!r} not in init' for n in sorted(set(got) - set(want))]
+  problems += [f'{n!r} has shape {got[n]}, init saw {want[n]}'
+               for n in sorted(set(want) & set(got)) if want[n] != got[n]]
+  raise ValueError(
+      'adamw2.update: the gradients do not match the params given to init ('
+      + '; '.join(problems[:3])
+      + (f'; {len(problems) - 3} more' if len(problems) > 3 else '') + ').')

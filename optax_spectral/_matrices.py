@@ -136,6 +136,12 @@ def _named_leaves(params, dimension_numbers):
     return
   spec_leaves, spec_def = jax.tree_util.tree_flatten_with_path(
       dimension_numbers, is_leaf=_is_spec)
+  if isinstance(dimension_numbers, (tuple, list)) and all(
+      isinstance(a, int) for a in dimension_numbers):
+    raise ValueError(
+        f'dimension_numbers={dimension_numbers!r}: write '
+        f'SpectralDimensionNumbers{tuple(dimension_numbers)!r} for one spec '
+        'of every leaf with two or more dimensions.')
   try:
     # ``up_to``: params may nest below a spec leaf (``nnx.Variable``) or hold
     # an empty ``optax.MaskedNode`` there when wrapped in ``optax.masked``.
@@ -145,7 +151,7 @@ def _named_leaves(params, dimension_numbers):
         'dimension_numbers must be a SpectralDimensionNumbers, a callable '
         'returning a pytree, or a pytree with the structure of params whose '
         'leaves are SpectralDimensionNumbers or None (not bounded). It does '
-        f'not match params: {e}') from None
+        f'not match params: {_short(e)}') from None
   for (spec_path, spec), subtree in zip(spec_leaves, subtrees):
     if not _is_spec(spec):
       raise ValueError(
@@ -153,6 +159,13 @@ def _named_leaves(params, dimension_numbers):
           f'got {spec!r} at {path_name(spec_path)!r}.')
     for path, leaf in jax.tree_util.tree_flatten_with_path(subtree)[0]:
       yield path_name(tuple(spec_path) + tuple(path)), leaf, spec
+
+
+def _short(error: Exception, limit: int = 300) -> str:
+  """An error's message cut to ``limit`` characters: pytree errors repr whole
+  trees, tens of thousands of characters for a real model."""
+  text = str(error)
+  return text if len(text) <= limit else text[:limit] + ' [...]'
 
 
 def resolve_views(
@@ -174,6 +187,11 @@ def resolve_views(
       dimension_numbers, SpectralDimensionNumbers)
   views = {}
   for name, leaf, spec in _named_leaves(params, dimension_numbers):
+    if name in views:
+      raise ValueError(
+          f'Two leaves of params are both named {name!r} (e.g. a key '
+          "'a/b' and a nested {'a': {'b': ...}}): rename one, the optimizer "
+          'state is keyed by these names.')
     shape = _leaf_shape(leaf)
     if shape is None:
       raise ValueError(f'Leaf {name!r} is not an array: {type(leaf)}.')

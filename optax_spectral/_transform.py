@@ -5,6 +5,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_spectral import _matrices
@@ -101,16 +102,39 @@ def _orthonormal_rows(key: jax.Array, shape: tuple[int, ...],
   return jnp.swapaxes(q, -1, -2).astype(dtype)
 
 
-def _check_hyperparameters(tau, max_extrapolation, **counts):
-  # Only concrete values are checked: under inject_hyperparams they are traced.
-  if isinstance(tau, (int, float)) and not tau > 0:
-    raise ValueError(f'tau must be positive, got {tau}.')
-  if isinstance(max_extrapolation, (int, float)) and not max_extrapolation >= 0:
-    raise ValueError(
-        f'max_extrapolation must be >= 0, got {max_extrapolation}.')
-  for name, n in counts.items():
-    if isinstance(n, (int, float)) and (int(n) != n or n < 1):
-      raise ValueError(f'{name} must be an integer >= 1, got {n}.')
+def _concrete(value):
+  """``value`` as a numpy array, or None if it is traced (e.g. injected by
+  ``optax.inject_hyperparams`` into a jitted ``init``)."""
+  if isinstance(value, jax.core.Tracer):
+    return None
+  return np.asarray(value)
+
+
+def _check_positive(name: str, value, allow_zero: bool = False) -> None:
+  """A concrete scalar must be finite and > 0 (>= 0 with ``allow_zero``):
+  Python, numpy and JAX scalars alike. Traced values are sanitised in
+  ``update`` instead."""
+  v = _concrete(value)
+  if v is None:
+    return
+  ok = (v.shape == () and np.issubdtype(v.dtype, np.number)
+        and np.isfinite(v) and (v >= 0 if allow_zero else v > 0))
+  if not ok:
+    raise ValueError(f'{name} must be a finite number '
+                     f'{">= 0" if allow_zero else "> 0"}, got {value!r}.')
+
+
+def _count(name: str, value, default: int):
+  """An iteration count or size: a Python int, or traced (injected)."""
+  if value is None:
+    return default
+  v = _concrete(value)
+  if v is None:
+    return value
+  if v.shape != () or not np.issubdtype(v.dtype, np.number) or (
+      int(v) != v or v < 1):
+    raise ValueError(f'{name} must be an integer >= 1, got {value!r}.')
+  return int(v)
 
 
 def _check_state(plan, views, state):
@@ -132,10 +156,10 @@ def scale_by_spectral_bound(
     tau: jax.typing.ArrayLike = DEFAULT_TAU,
     *,
     learning_rate: optax.ScalarOrSchedule | None = None,
-    num_iterations: int = DEFAULT_NUM_ITERATIONS,
-    num_iterations_first: int = DEFAULT_NUM_ITERATIONS_FIRST,
+    num_iterations: int | None = None,
+    num_iterations_first: int | None = None,
     num_iterations_weight: int | None = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
     max_extrapolation: jax.typing.ArrayLike = DEFAULT_MAX_EXTRAPOLATION,
     dimension_numbers: _matrices.DimensionNumbersOrFn = None,
     bound_vectors: bool = False,
@@ -186,18 +210,33 @@ def scale_by_spectral_bound(
   gives factor 1; a non-finite step leaves the persistent vectors unchanged.
 
   Args:
-    tau: the largest allowed ``σ1(Δ) / σ1(W)`` per step. May be injected with
-      ``optax.inject_hyperparams``.
+    tau: the largest allowed ``σ1(Δ) / σ1(W)`` per step, > 0 (a concrete
+      value that is not is a ``ValueError``). May be injected with
+      ``optax.inject_hyperparams``; an injected value <= 0 shrinks steps to
+      almost nothing rather than reversing them.
     learning_rate: ``None`` when placed after the learning rate (recommended);
       otherwise the float or schedule that a later transform scales by.
-    num_iterations: power iterations on ``Δ`` per step.
+    num_iterations: power iterations on ``Δ`` per step; ``None``: 1.
     num_iterations_first: power iterations on ``W`` and ``Δ`` on the first
-      step, from a cold start.
+      step, from a cold start; ``None``: 20. The iterations beyond
+      ``num_iterations`` run in one ``lax.cond``, which on GPUs costs a few
+      percent of every training step (the host waits for the branch's
+      predicate; README, "Cost"). ``num_iterations_first=1`` removes the
+      branch, and leaves the first step's σ1 estimates from one iteration
+      from random vectors (up to ~2x low: a first step up to ~2x the bound).
     num_iterations_weight: power iterations on ``W`` per step; ``None``
       (default) runs as many as on ``Δ``. A different number shares the loop
       and costs the larger of the two.
     block_size: vectors in the block power iteration on ``Δ`` (at most the
-      matrix's smaller dimension).
+      matrix's smaller dimension); ``None``: 8.
+
+  Settings that shape the state or the compiled graph default to ``None``, so
+  that ``optax.inject_hyperparams(scale_by_spectral_bound)`` (or of
+  :func:`adamw2`) injects only ``tau`` and ``max_extrapolation`` (and
+  adamw2's numbers), which may then be changed during training. A
+  ``block_size`` given explicitly to an injected optimizer must be listed in
+  its ``static_args``; iteration counts may be injected (they then run in a
+  loop).
     max_extrapolation: largest relative correction of the ``σ1(Δ)`` estimate;
       ``0`` keeps the plain lower bound.
     dimension_numbers: which axes of each leaf form the matrix:
@@ -229,11 +268,20 @@ def scale_by_spectral_bound(
     Qi et al., `Taming Transformer Without Using Learning Rate Warmup
     <https://arxiv.org/abs/2505.21910>`_, ICLR 2025.
   """
-  _check_hyperparameters(
-      tau, max_extrapolation, num_iterations=num_iterations,
-      num_iterations_first=num_iterations_first, block_size=block_size,
-      **({} if num_iterations_weight is None else
-         {'num_iterations_weight': num_iterations_weight}))
+  _check_positive('tau', tau)
+  _check_positive('max_extrapolation', max_extrapolation, allow_zero=True)
+  num_iterations = _count('num_iterations', num_iterations,
+                          DEFAULT_NUM_ITERATIONS)
+  num_iterations_first = _count('num_iterations_first', num_iterations_first,
+                                DEFAULT_NUM_ITERATIONS_FIRST)
+  num_iterations_weight = _count('num_iterations_weight',
+                                 num_iterations_weight, num_iterations)
+  block_size = _count('block_size', block_size, DEFAULT_BLOCK_SIZE)
+  if not isinstance(block_size, int):
+    raise ValueError(
+        'block_size fixes the shape of the optimizer state, so it cannot be '
+        'traced: with optax.inject_hyperparams, pass '
+        "static_args=('block_size',) (the default, None, needs nothing).")
 
   def views_of(params):
     return {name: view for name, view in _matrices.resolve_views(
@@ -279,9 +327,10 @@ def scale_by_spectral_bound(
     matrices = lambda leaves, g: [views[n].to_matrices(leaves[n])
                                   for n in g.names]
     count = state.count
-    steady = [num_iterations_weight or num_iterations] * len(plan) + [
+    steady = [num_iterations_weight] * len(plan) + [
         num_iterations] * len(plan)
-    if all(isinstance(n, int) for n in steady):
+    if all(isinstance(n, int) for n in steady) and isinstance(
+        num_iterations_first, int):
       # Later steps unroll their iterations (no control flow); the first
       # step's extra iterations run in one branch for the whole model.
       extra = num_iterations_first - min(steady, default=0)
@@ -305,21 +354,29 @@ def scale_by_spectral_bound(
     else:
       lr = learning_rate(count) if callable(learning_rate) else learning_rate
       lr_scale = jnp.abs(lr)
+    # Injected (traced) values are not checked at construction: a tau <= 0
+    # or NaN becomes the smallest positive one (steps shrink to ~0 rather
+    # than reverse), a negative or NaN max_extrapolation becomes 0.
+    tau_ = jnp.asarray(tau, jnp.float32)
+    tau_ = jnp.where(tau_ > 0, tau_, jnp.finfo(jnp.float32).tiny)
+    extrapolation = jnp.asarray(max_extrapolation, jnp.float32)
+    extrapolation = jnp.where(extrapolation >= 0, extrapolation, 0)
     new_stats, new_groups, factors = {}, {}, {}
     for g, s, w, d in zip(plan, states, estimates[:len(plan)],
                           estimates[len(plan):]):
       # Geometric extrapolation of the last iteration, capped: it only ever
       # raises the estimate, so the bound can only get tighter.
       ratio = d.sigma / jnp.where(d.sigma_half > 0, d.sigma_half, d.sigma)
-      ratio = jnp.clip(jnp.nan_to_num(ratio, nan=1.0), 1,
-                       1 + jnp.asarray(max_extrapolation, jnp.float32))
+      ratio = jnp.clip(jnp.nan_to_num(ratio, nan=1.0), 1, 1 + extrapolation)
       sigma_d = d.sigma * ratio * jnp.asarray(lr_scale, jnp.float32)
       sigma_w = w.sigma
-      limit = jnp.asarray(tau, jnp.float32) * sigma_w
+      limit = tau_ * sigma_w
       # σ1(W) = 0: no bound (else a zero matrix never moves); σ1(Δ) = 0 or
       # non-finite: the comparison is False and the factor stays 1.
       active = (sigma_w > 0) & (sigma_d > limit)
       factor = jnp.where(active, limit / jnp.where(active, sigma_d, 1), 1)
+      # In (0, 1] whatever an injected tau is: never reversed, never zero.
+      factor = jnp.clip(factor, jnp.finfo(jnp.float32).tiny, 1)
       new_groups[g.key] = SpectralGroupState(
           weight=w.block.astype(s.weight.dtype),
           update=d.block.astype(s.update.dtype))
