@@ -3,6 +3,7 @@
 from optax_spectral._alias import adamw2
 from optax_spectral._matrices import bounded_leaves
 from optax_spectral._matrices import SpectralDimensionNumbers
+from optax_spectral._nnx import nnx_dimension_numbers
 from optax_spectral._power_iteration import power_iteration
 from optax_spectral._power_iteration import PowerIterationResult
 from optax_spectral._transform import scale_by_spectral_bound
@@ -17,6 +18,7 @@ __all__ = (
     'adamw2',
     'bounded_leaves',
     'diagnostics',
+    'nnx_dimension_numbers',
     'power_iteration',
     'PowerIterationResult',
     'scale_by_spectral_bound',
