@@ -270,42 +270,38 @@ def _iteration(groups, blocks) -> list[_Estimate]:
 
   ``Y = A X``, ``U = orth(Y)``, ``Z = Aᵀ U``, ``X ← orth(Aᵀ Y + μ X)``;
   ``σ_half`` and ``σ`` are the top Ritz values ``σ_max(Y)`` and
-  ``σ_max(Z)``. Both products run back to back per matrix (``Aᵀ U = C Aᵀ Y``
-  for ``U = C Y``); all the rest runs per group, and the k×k work in two
-  batches for the whole model: one Cholesky-QR for both ``U`` and the next
-  ``X``, one top-eigenvalue computation for both Ritz values.
+  ``σ_max(Z)``. Only ``Y`` and ``Aᵀ Y`` are computed from the matrices (back
+  to back), and their Gram matrices per group; everything else follows from
+  those ``k × k`` Grams (``Z = C Aᵀ Y`` for ``U = C Y``, so ``Z Zᵀ = C (Aᵀ
+  Y)(Aᵀ Y)ᵀ Cᵀ``), in one batch for the whole model: one Cholesky-QR for
+  ``U`` and the next ``X``, one top-eigenvalue computation for both Ritz
+  values. Per group, one more product with the block (the next ``X``)
+  remains.
   """
   products = [_products(g, x) for g, x in zip(groups, blocks)]
   grams_y = [_gram(y) for y, _ in products]
   grams_ay = [_gram(ay) for _, ay in products]
 
-  def orthonormalizers(gram_y, gram_ay):
+  def small(gram_y, gram_ay):
     # The next block spans Aᵀ Y, plus μ X (μ ~ 1% of Aᵀ Y's rows), which
     # keeps it of full rank when a step is not. Its Gram follows from those
     # at hand: X (Aᵀ Y)ᵀ = Y Yᵀ, X Xᵀ = I.
     k = gram_y.shape[-1]
     mix = _MIX * jnp.sqrt(_trace(gram_ay) / k)[..., None, None]
     mixed = gram_ay + 2 * mix * gram_y + mix**2 * jnp.eye(k, dtype=mix.dtype)
-    coeff = _orthonormalizer(jnp.concatenate([gram_y, mixed]))
-    coeff_u, coeff_x = jnp.split(coeff, 2)
-    return coeff_u, coeff_x, mix[..., 0]
-
-  coeffs = _over_groups(orthonormalizers, grams_y, grams_ay)
-  zs = [_mm(cu, ay) for (cu, _, _), (_, ay) in zip(coeffs, products)]
-
-  def ritz(gram_y, gram_z):
+    coeff_u, coeff_x = jnp.split(
+        _orthonormalizer(jnp.concatenate([gram_y, mixed])), 2)
+    gram_z = _mm(_mm(coeff_u, gram_ay), jnp.swapaxes(coeff_u, -1, -2))
     top = _top_eigenvalue(jnp.concatenate([gram_y, gram_z]))
     half, sigma = jnp.split(jnp.sqrt(jnp.maximum(top, 0)), 2)
-    return sigma, half
-
-  sigmas = _over_groups(ritz, grams_y, [_gram(z) for z in zs])
-  out = []
-  for (sigma, half), (_, cx, mix), (_, ay), x in zip(sigmas, coeffs,
-                                                     products, blocks):
-    # Aᵀ U is finite where σ is (σ² = λ_max of its Gram); a zero or
-    # non-finite step keeps the previous block.
+    # A zero or non-finite step keeps the previous block.
     ok = (jnp.isfinite(sigma) & (sigma > 0) & jnp.isfinite(half)
-          & jnp.all(jnp.isfinite(cx), axis=(-2, -1)))
+          & jnp.all(jnp.isfinite(coeff_x), axis=(-2, -1)))
+    return coeff_x, mix[..., 0], sigma, half, ok
+
+  out = []
+  for (cx, mix, sigma, half, ok), (_, ay), x in zip(
+      _over_groups(small, grams_y, grams_ay), products, blocks):
     new = _mm(cx, ay + mix[..., None] * x)
     out.append(_Estimate(sigma, half, jnp.where(ok[:, None, None], new, x),
                          ok))
