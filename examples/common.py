@@ -179,12 +179,8 @@ def bound_metrics(opt_state) -> dict[str, float]:
     return {'bound_active': 0.0, 'min_factor': 1.0}
   row = {'bound_active': summary['bound_fraction'],
          'min_factor': summary['min_factor']}
-  for key, value in optax_spectral.spectral_stats(opt_state).items():
-    if key.endswith('/factor'):
-      value = np.asarray(value)
-      for i in np.ndindex(value.shape):
-        row[f"factor/{key[:-len('/factor')]}" +
-            (f'[{",".join(map(str, i))}]' if i else '')] = float(value[i])
+  row.update({k: v for k, v in diagnostics.scalars(opt_state).items()
+              if k.startswith('factor/')})
   return row
 
 

@@ -1,6 +1,7 @@
 """optax_spectral: train Transformers without learning-rate warmup (AdamW²)."""
 
 from optax_spectral._alias import adamw2
+from optax_spectral._alias import from_adamw_state
 from optax_spectral._matrices import bounded_leaves
 from optax_spectral._matrices import SpectralDimensionNumbers
 from optax_spectral._nnx import nnx_dimension_numbers
@@ -18,6 +19,7 @@ __all__ = (
     'adamw2',
     'bounded_leaves',
     'diagnostics',
+    'from_adamw_state',
     'nnx_dimension_numbers',
     'power_iteration',
     'PowerIterationResult',

@@ -126,3 +126,45 @@ def _check_like_init(updates, state) -> None:
       'adamw2.update: the gradients do not match the params given to init ('
       + '; '.join(problems[:3])
       + (f'; {len(problems) - 3} more' if len(problems) > 3 else '') + ').')
+
+
+def from_adamw_state(adamw_state: Any, tx: optax.GradientTransformation,
+                     params: Any) -> Any:
+  """The state of :func:`adamw2` that continues a run of ``optax.adamw``.
+
+  Switching a running job from ``optax.adamw`` to ``adamw2``: Adam's moments
+  and step count carry over, and the bound starts fresh (its first step runs
+  the cold-start iterations). Do not restore an ``optax.adamw`` checkpoint
+  into an ``adamw2`` state directly: ``adamw2``'s state is one level deeper
+  (``(adamw state, bound state)``), so ``flax.training.checkpoints`` would
+  silently restore zeroed moments and orbax refuses the structure.
+
+  Args:
+    adamw_state: the state of ``optax.adamw`` (e.g. restored from its
+      checkpoint).
+    tx: the :func:`adamw2` to continue with, built with the same
+      ``optax.adamw`` arguments (``mask``, ``mu_dtype``, ...).
+    params: the current params.
+
+  Returns:
+    A state for ``tx.update``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_spectral
+    >>> params = {'w': jnp.eye(3)}
+    >>> adamw_state = optax.adamw(1e-3).init(params)
+    >>> tx = optax_spectral.adamw2(1e-3)
+    >>> state = optax_spectral.from_adamw_state(adamw_state, tx, params)
+    >>> _ = tx.update({'w': jnp.ones((3, 3))}, state, params)
+  """
+  fresh = tx.init(params)
+  if not (isinstance(fresh, tuple) and len(fresh) == 2
+          and isinstance(fresh[1], _transform.ScaleBySpectralBoundState)):
+    raise ValueError('tx must be an optax_spectral.adamw2.')
+  shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+  if jax.tree.structure(adamw_state) != jax.tree.structure(fresh[0]) or (
+      shapes(adamw_state) != shapes(fresh[0])):
+    raise ValueError(
+        'adamw_state is not the state of an optax.adamw built with the same '
+        'arguments as tx and these params (mask, mu_dtype, param shapes).')
+  return (adamw_state, fresh[1])

@@ -106,40 +106,69 @@ def _trace(g: jax.Array) -> jax.Array:
   return jnp.trace(g, axis1=-2, axis2=-1)
 
 
+def _steps(n: int, body, carry):
+  """``carry = body(j, carry)`` for ``j < n``: a loop on CPUs, unrolled on
+  accelerators.
+
+  The k×k arithmetic is a chain of ~25 tiny dependent steps. On GPUs a loop
+  makes the host wait for the device at every trip, so they are unrolled
+  there; XLA:CPU runs loops at no such cost, and compiles the unrolled chain
+  several times slower than the rest of the optimizer, so it loops there.
+  """
+  if jax.default_backend() == 'cpu':
+    return jax.lax.fori_loop(0, n, body, carry)
+  for j in range(n):
+    carry = body(j, carry)
+  return carry
+
+
+def _unit(j, k: int, dtype) -> jax.Array:
+  return (jnp.arange(k) == j).astype(dtype)
+
+
 def _shifted_cholesky(g: jax.Array) -> jax.Array:
   """Lower ``L`` with ``L Lᵀ = g + shift·I`` (right-looking, k rank-1 steps).
 
   Pivots are clamped to the shift, so that a singular or slightly indefinite
   Gram (rounding) gives a finite factor rather than NaN. Every step is whole-
-  array elementwise arithmetic (no scatter), which XLA fuses into about one
-  kernel per step.
+  array arithmetic with one-hot masks (no scatter, no dynamic slice), which
+  XLA fuses into about one kernel per step.
   """
   k = g.shape[-1]
-  eye = jnp.eye(k, dtype=g.dtype)
   shift = (_SHIFT * _trace(g) + jnp.finfo(g.dtype).tiny)[..., None, None]
-  low = jnp.zeros_like(g)
-  for j in range(k):
-    pivot = jnp.sqrt(jnp.maximum(g[..., j:j + 1, j:j + 1] + shift, shift))
+
+  def step(j, carry):
+    g, low = carry
+    e = _unit(j, k, g.dtype)
+    col_j = jnp.sum(g * e, axis=-1, keepdims=True)          # (…, k, 1)
+    pivot = jnp.sqrt(jnp.maximum(
+        jnp.sum(col_j * e[:, None], axis=-2, keepdims=True) + shift, shift))
     below = (jnp.arange(k) > j).astype(g.dtype)[:, None]
-    col = g[..., :, j:j + 1] / pivot * below           # (…, k, 1)
-    low = low + (col + pivot * eye[:, j:j + 1]) * eye[j]
-    g = g - col * jnp.swapaxes(col, -1, -2)
-  return low
+    col = col_j / pivot * below
+    low = low + (col + pivot * e[:, None]) * e
+    return g - col * jnp.swapaxes(col, -1, -2), low
+
+  return _steps(k, step, (g, jnp.zeros_like(g)))[1]
 
 
 def _lower_inverse(low: jax.Array) -> jax.Array:
   """Inverse of a lower-triangular ``(…, k, k)``: k elementwise sweeps."""
   k = low.shape[-1]
-  eye = jnp.eye(k, dtype=low.dtype)
-  inv = jnp.broadcast_to(eye, low.shape)
-  for j in range(k):
+
+  def step(j, inv):
     # Row j of the inverse is final once divided by the pivot; eliminate it
     # from the rows below.
-    row = inv[..., j:j + 1, :] / low[..., j:j + 1, j:j + 1]
+    e = _unit(j, k, low.dtype)
+    col_j = jnp.sum(low * e, axis=-1, keepdims=True)         # (…, k, 1)
+    pivot = jnp.sum(col_j * e[:, None], axis=-2, keepdims=True)
+    row = jnp.sum(inv * e[:, None], axis=-2, keepdims=True) / pivot
     below = (jnp.arange(k) > j).astype(low.dtype)[:, None]
-    inv = inv + eye[:, j:j + 1] * (row - inv[..., j:j + 1, :])
-    inv = inv - low[..., :, j:j + 1] * below * row
-  return inv
+    inv = inv + e[:, None] * (row - jnp.sum(inv * e[:, None], axis=-2,
+                                             keepdims=True))
+    return inv - col_j * below * row
+
+  eye = jnp.eye(k, dtype=low.dtype)
+  return _steps(k, step, jnp.broadcast_to(eye, low.shape))
 
 
 def _top_eigenvalue(s: jax.Array) -> jax.Array:
@@ -148,10 +177,13 @@ def _top_eigenvalue(s: jax.Array) -> jax.Array:
     return s[..., 0, 0]
   t = _trace(s)
   p = s / jnp.where(t > 0, t, 1)[..., None, None]
-  for _ in range(_SQUARINGS):
+
+  def square(_, p):
     p = jnp.matmul(p, p, precision=PRECISION)
     t = _trace(p)
-    p = p / jnp.where(t > 0, t, 1)[..., None, None]
+    return p / jnp.where(t > 0, t, 1)[..., None, None]
+
+  p = _steps(_SQUARINGS, square, p)
   # Σ λ_i^(N+1) / Σ λ_i^N with N = 2^_SQUARINGS.
   return jnp.sum(p * s, axis=(-2, -1))
 
@@ -169,9 +201,9 @@ def _stacked(matrices: Sequence[jax.Array]) -> list[jax.Array]:
   A Python list of 12 layers gives 12 two-dimensional leaves of one shape;
   stacked into one ``(12, m, n)`` copy, each product is one batched kernel
   for the whole run rather than one kernel (and a slice and a copy of the
-  vectors) per matrix. That copy is made once per step, before the
-  iterations, and is freed after the last product. Leaves that are already
-  batches of matrices (e.g. stacked by ``nnx.scan``) are used in place.
+  vectors) per matrix. The copies cost peak memory while the step's
+  products run (README, "Cost"). Leaves that are already batches of matrices
+  (e.g. stacked by ``nnx.scan``) are used in place.
   """
   chunks, run = [], []
   def flush():
@@ -335,6 +367,7 @@ def iterate_groups(
   """
   if not blocks:
     return []
+  # Stacked once per step (not per iteration): XLA then holds fewer copies.
   groups = [_stacked(g) for g in groups]
   zeros = [jnp.zeros(b.shape[:1], b.dtype) for b in blocks]
   carry = ([jnp.asarray(b) for b in blocks], zeros, zeros,

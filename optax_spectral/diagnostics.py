@@ -129,6 +129,37 @@ def bound_summary(opt_state: Any) -> dict[str, Any]:
           'min_factor': float(flat.min()), 'min_factor_leaf': leaf}
 
 
+def scalars(opt_state: Any) -> dict[str, float]:
+  """:func:`optax_spectral.spectral_stats` as Python floats for a metrics
+  writer (TensorBoard, CSV, wandb): one scalar per matrix.
+
+  Args:
+    opt_state: any optimizer state containing ``scale_by_spectral_bound``.
+
+  Returns:
+    ``{'<field>/<leaf>': value}`` for plain matrices and ``'<field>/<leaf>[i,
+    j]'`` for each matrix of a batch, ``<field>`` being ``sigma_weight``,
+    ``sigma_update`` or ``factor`` (so a writer groups them by field).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_spectral
+    >>> from optax_spectral import diagnostics
+    >>> tx = optax_spectral.adamw2(1e-3)
+    >>> state = tx.init({'w': jnp.eye(2), 'stack': jnp.ones((2, 3, 3))})
+    >>> sorted(k for k in diagnostics.scalars(state) if k.startswith('f'))
+    ['factor/stack[0]', 'factor/stack[1]', 'factor/w']
+  """
+  out = {}
+  stats = jax.device_get(_transform.spectral_stats(opt_state))
+  for key, value in stats.items():
+    leaf, field = key.rsplit('/', 1)
+    value = np.asarray(value)
+    for i in np.ndindex(value.shape):
+      index = f"[{','.join(map(str, i))}]" if i else ''
+      out[f'{field}/{leaf}{index}'] = float(value[i])
+  return out
+
+
 def warn_if_attention_collapsed(entropy: jax.Array, step: int | None = None,
                                 threshold: float = 0.1) -> bool:
   """Warns (and returns True) if some head's mean entropy is below threshold.

@@ -164,3 +164,26 @@ def test_adamw2_names_grads_unlike_init(grads):
   with pytest.raises(ValueError, match="'(w|b|c)'") as e:
     tx.update(grads, tx.init(params), params)
   assert 'init' in str(e.value) and len(str(e.value)) < 400
+
+
+def test_switching_from_adamw_keeps_its_moments(rng):
+  """Three steps of optax.adamw, then adamw2 with a bound that never binds:
+  the fourth step equals optax.adamw's fourth step."""
+  params = {'w': jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)}
+  grads = [{'w': jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)}
+           for _ in range(4)]
+  adamw = optax.adamw(1e-2)
+  state = adamw.init(params)
+  for g in grads[:3]:
+    _, state = adamw.update(g, state, params)
+  expected, _ = adamw.update(grads[3], state, params)
+  tx = optax_spectral.adamw2(1e-2, tau=1e3)
+  switched = optax_spectral.from_adamw_state(state, tx, params)
+  got, _ = tx.update(grads[3], switched, params)
+  np.testing.assert_allclose(got['w'], expected['w'], rtol=1e-6)
+  # A fresh adamw2 state would take Adam's first step instead.
+  fresh, _ = tx.update(grads[3], tx.init(params), params)
+  assert not np.allclose(fresh['w'], expected['w'], rtol=1e-3)
+  with pytest.raises(ValueError, match='same arguments'):
+    optax_spectral.from_adamw_state(
+        optax.adamw(1e-2, mu_dtype=jnp.bfloat16).init(params), tx, params)
