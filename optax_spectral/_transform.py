@@ -199,11 +199,21 @@ def scale_by_spectral_bound(
     model (not one per matrix); later steps unroll theirs, with no control
     flow (on GPUs each loop or branch on device data makes the host wait).
   * The work is batched: all bounded matrices of one shape and dtype form a
-    group, whose vectors are stacked in the state; only the products run per
-    matrix, and the rest (Gram matrices, Cholesky-QR, Ritz values) runs once
-    per group or once for all groups, in plain ``jnp`` arithmetic. The update
+    group, whose vectors are stacked in the state, and whose plain 2-D
+    matrices are stacked into one copy per step, so that each product is one
+    batched kernel per group; the rest (Gram matrices, Cholesky-QR, Ritz
+    values) runs once per group or once for all groups, in plain ``jnp``
+    arithmetic. The update
     calls no solver (no QR, eigh or Cholesky custom call), so that a model's
     cost on GPUs and TPUs follows its number of shapes, not of layers.
+
+  Settings that shape the state or the compiled graph default to ``None``, so
+  that ``optax.inject_hyperparams(scale_by_spectral_bound)`` (or of
+  :func:`adamw2`) injects only ``tau`` and ``max_extrapolation`` (and
+  adamw2's numbers), which may then be changed during training. A
+  ``block_size`` given explicitly to an injected optimizer must be listed in
+  its ``static_args``; iteration counts may be injected (they then run in a
+  loop).
 
   Guards: a matrix with ``σ1(W) = 0`` (e.g. zero-initialised) is not bounded
   on that step, as in optax's trust ratio, so it can still move; ``σ1(Δ) = 0``
@@ -230,13 +240,6 @@ def scale_by_spectral_bound(
     block_size: vectors in the block power iteration on ``Δ`` (at most the
       matrix's smaller dimension); ``None``: 8.
 
-  Settings that shape the state or the compiled graph default to ``None``, so
-  that ``optax.inject_hyperparams(scale_by_spectral_bound)`` (or of
-  :func:`adamw2`) injects only ``tau`` and ``max_extrapolation`` (and
-  adamw2's numbers), which may then be changed during training. A
-  ``block_size`` given explicitly to an injected optimizer must be listed in
-  its ``static_args``; iteration counts may be injected (they then run in a
-  loop).
     max_extrapolation: largest relative correction of the ``σ1(Δ)`` estimate;
       ``0`` keeps the plain lower bound.
     dimension_numbers: which axes of each leaf form the matrix:
