@@ -60,7 +60,7 @@ def run(setting, steps, preset, lr, tau):
       optax.cosine_decay_schedule(lr, steps, alpha=0.1), b2=0.95,
       weight_decay=0.1, tau=tau, **SETTINGS[setting],
       mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
-      dimension_numbers=common.dimension_numbers)
+      dimension_numbers=common.dimension_numbers(model))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   rows = []
   for step in range(steps):

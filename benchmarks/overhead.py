@@ -254,7 +254,7 @@ def train_step_benchmark(reps: int, accelerator: bool, quick: bool):
     for name, options in TRAIN_STEP_VARIANTS.items():
       model = gpt.GPT(cfg, nnx.Rngs(0))
       opt = nnx.Optimizer(model, common.make_optimizer(
-          common.OptimizerConfig(name=name.split()[0]), **options),
+          common.OptimizerConfig(name=name.split()[0]), model, **options),
                           wrt=nnx.Param)
       # The optimizer is part of the traced graph: the first call compiles.
       t = time.perf_counter()

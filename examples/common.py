@@ -76,7 +76,7 @@ class Blocks(nnx.Module):
   """``n`` blocks, as a Python list or stacked and run with ``nnx.scan``.
 
   Stacked, every param gains a leading layer axis: ``(layers, d_in, d_out)``
-  kernels, which :func:`dimension_numbers` bounds per layer.
+  kernels, which adamw2 bounds per layer (:func:`dimension_numbers`).
   """
 
   def __init__(self, n: int, d: int, n_head: int, causal: bool, scan: bool,
@@ -121,22 +121,12 @@ class OptimizerConfig:
   b2: float = 0.95
 
 
-def dimension_numbers(params):
-  """Which leaves adamw2 bounds: every kernel and embedding matrix, and with
-  ``nnx.scan`` each layer of a stacked ``(layers, d_in, d_out)`` kernel; not
-  the stacked ``(layers, d)`` biases and norm scales, which the library's
-  default would take for matrices."""
-  def spec(path, p):
-    names = [str(getattr(k, 'key', getattr(k, 'name', ''))) for k in path]
-    # Scanned: 'layers' is followed by a param name, not a list index.
-    scanned = 'layers' in names and not names[names.index('layers') + 1
-                                              ].isdigit()
-    if scanned and p.ndim == 3:
-      return optax_spectral.SpectralDimensionNumbers(1, 2)
-    if not scanned and p.ndim == 2:
-      return optax_spectral.SpectralDimensionNumbers(0, 1)
-    return None
-  return jax.tree_util.tree_map_with_path(spec, params)
+def dimension_numbers(model: nnx.Module):
+  """Which params adamw2 bounds, read from the model's modules: every
+  ``nnx.Linear`` kernel and ``nnx.Embed`` table, per layer when stacked by
+  ``nnx.scan``; not biases and norm scales, nor the ViT's class token and
+  position table, which the ViT module holds itself (not linear maps)."""
+  return optax_spectral.nnx_dimension_numbers(model, unknown='skip')
 
 
 def schedule(cfg: OptimizerConfig) -> optax.Schedule:
@@ -148,15 +138,17 @@ def schedule(cfg: OptimizerConfig) -> optax.Schedule:
   return optax.cosine_decay_schedule(cfg.lr, max(cfg.steps, 1), alpha=0.1)
 
 
-def make_optimizer(cfg: OptimizerConfig, **adamw2_options):
-  """``adamw`` or ``adamw2`` on :func:`schedule`; ``adamw2_options`` go to
-  :func:`optax_spectral.adamw2`."""
+def make_optimizer(cfg: OptimizerConfig, model: nnx.Module,
+                   **adamw2_options):
+  """``adamw`` or ``adamw2`` on :func:`schedule` for ``model``'s
+  ``nnx.Param``s; ``adamw2_options`` go to :func:`optax_spectral.adamw2`."""
   lr = schedule(cfg)
-  # No weight decay on biases and norm scales (1-D, or 2-D when stacked).
-  decay = lambda params: jax.tree.map(
-      lambda s: s is not None, dimension_numbers(params),
-      is_leaf=lambda x: x is None or isinstance(
-          x, optax_spectral.SpectralDimensionNumbers))
+  dims = dimension_numbers(model)
+  # Weight decay on the bounded matrices only: not on biases, norm scales,
+  # class token and position table.
+  mask = jax.tree.map(lambda s: s is not None, dims, is_leaf=lambda x: (
+      x is None or isinstance(x, optax_spectral.SpectralDimensionNumbers)))
+  decay = lambda params: mask
   if cfg.name == 'adamw':
     return optax.adamw(lr, b2=cfg.b2, weight_decay=cfg.weight_decay,
                        mask=decay)
@@ -164,7 +156,7 @@ def make_optimizer(cfg: OptimizerConfig, **adamw2_options):
     tau = {} if cfg.tau is None else {'tau': cfg.tau}
     return optax_spectral.adamw2(lr, b2=cfg.b2, weight_decay=cfg.weight_decay,
                                  mask=decay,
-                                 dimension_numbers=dimension_numbers, **tau,
+                                 dimension_numbers=dims, **tau,
                                  **adamw2_options)
   raise ValueError(f'unknown optimizer {cfg.name!r}: use adamw or adamw2')
 
@@ -232,7 +224,7 @@ def fit(model: nnx.Module, opt: OptimizerConfig, train_step: Callable,
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   main = jax.process_index() == 0
-  optimizer = nnx.Optimizer(model, make_optimizer(opt), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, make_optimizer(opt, model), wrt=nnx.Param)
   lr, steps = schedule(opt), opt.steps
   manager, start = None, 0
   if run.out_dir and run.checkpoint_every:
@@ -327,7 +319,9 @@ def configs_from_args(args, desc: str) -> tuple[OptimizerConfig, RunConfig]:
   return opt, run
 
 
-def print_bounded(params, dims=dimension_numbers):
+def print_bounded(model: nnx.Module):
   """Prints what adamw2 bounds, leaf by leaf."""
-  for name, how in optax_spectral.bounded_leaves(params, dims).items():
+  params = nnx.state(model, nnx.Param)
+  for name, how in optax_spectral.bounded_leaves(
+      params, dimension_numbers(model)).items():
     print(f'  {name:<40} {how}')

@@ -158,7 +158,7 @@ def main():
   if main_process:
     if args.optimizer == 'adamw2':
       print('bounded leaves:')
-      common.print_bounded(nnx.state(model, nnx.Param))
+      common.print_bounded(model)
     last = history[-1]
     print(f"step {last['step']}: loss {last['loss']:.3f}, min attention "
           f"entropy {last['entropy_min']:.3f}, {time.time() - t0:.0f}s")

@@ -183,7 +183,7 @@ def main():
   if main_process:
     if args.optimizer == 'adamw2':
       print('bounded leaves:')
-      common.print_bounded(nnx.state(model, nnx.Param))
+      common.print_bounded(model)
     last = history[-1]
     print(f"step {last['step']}: loss {last['loss']:.3f}, test accuracy "
           f"{acc:.3f}, min attention entropy {last['entropy_min']:.3f}, "

@@ -69,7 +69,7 @@ def _spec(module, name: str, ndim: int):
   return ...
 
 
-def nnx_dimension_numbers(model: Any) -> Any:
+def nnx_dimension_numbers(model: Any, unknown: str = 'default') -> Any:
   """The ``dimension_numbers`` of a Flax NNX model, read from its modules.
 
   Returns a pytree shaped like ``nnx.state(model, nnx.Param)`` whose leaves
@@ -92,12 +92,17 @@ def nnx_dimension_numbers(model: Any) -> Any:
   * Biases, norm scales and 1-D params: ``None``.
   * Modules stacked by ``nnx.vmap``/``nnx.scan`` have extra leading axes:
     each index along them is a separate matrix (one bound per layer).
-  * Other module types: their params with two or more dimensions are bounded
-    over their last two axes (the library's default), with a warning that
-    names the types; check with :func:`bounded_leaves`.
+  * Other module types (``unknown='default'``): their params with two or
+    more dimensions are bounded over their last two axes (the library's
+    default), with a warning that names the types; check with
+    :func:`bounded_leaves`. With ``unknown='skip'`` they are not bounded, and
+    nothing is warned: e.g. a class token or position table held by the
+    model itself, which is not the matrix of a linear map.
 
   Args:
     model: an ``nnx.Module``.
+    unknown: ``'default'`` or ``'skip'``: what to do with params of module
+      types without a rule.
 
   Returns:
     A pytree for ``dimension_numbers=`` of :func:`adamw2` or
@@ -115,9 +120,11 @@ def nnx_dimension_numbers(model: Any) -> Any:
     'bounded: 8x8 matrix'
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  if unknown not in ('default', 'skip'):
+    raise ValueError(f"unknown must be 'default' or 'skip', got {unknown!r}.")
 
   modules = {tuple(path): module for path, module in nnx.iter_modules(model)}
-  unknown = set()
+  unknown_types = set()
 
   def spec(path, variable):
     keys = tuple(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))
@@ -126,18 +133,21 @@ def nnx_dimension_numbers(model: Any) -> Any:
     ndim = len(variable.shape)
     result = ... if module is None else _spec(module, str(keys[-1]), ndim)
     if result is ...:
-      if module is not None:
-        unknown.add(type(module).__name__)
-      result = (SpectralDimensionNumbers(-2, -1) if ndim >= 2 else None)
+      if ndim >= 2 and unknown == 'default':
+        unknown_types.add(type(module).__name__ if module is not None
+                          else '(no module)')
+      result = (SpectralDimensionNumbers(-2, -1)
+                if ndim >= 2 and unknown == 'default' else None)
     return result
 
   params = nnx.state(model, nnx.Param)
   specs = _map_with_path(spec, params, nnx)
-  if unknown:
+  if unknown_types:
     warnings.warn(
         'nnx_dimension_numbers: no rule for module types '
-        f'{sorted(unknown)}; their params with two or more dimensions are '
-        'bounded over their last two axes (see bounded_leaves).',
+        f'{sorted(unknown_types)}; their params with two or more dimensions are '
+        "bounded over their last two axes (see bounded_leaves; "
+        "unknown='skip' leaves them out).",
         stacklevel=2)
   return specs
 

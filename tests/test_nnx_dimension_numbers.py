@@ -79,6 +79,11 @@ def test_unknown_modules_fall_back_to_the_default_with_a_warning():
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     _described(nnx.Linear(3, 4, rngs=nnx.Rngs(0)))
+    dims = optax_spectral.nnx_dimension_numbers(_Custom(), unknown='skip')
+  assert optax_spectral.bounded_leaves(
+      nnx.state(_Custom(), nnx.Param), dims)['w'].startswith('passed through')
+  with pytest.raises(ValueError, match='unknown'):
+    optax_spectral.nnx_dimension_numbers(_Custom(), unknown='bound')
 
 
 def test_attention_step_is_bounded_as_a_whole_matrix():
