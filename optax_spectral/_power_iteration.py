@@ -205,13 +205,19 @@ def _stacked(matrices: Sequence[jax.Array]) -> list[jax.Array]:
   products run (README, "Cost"). Leaves that are already batches of matrices
   (e.g. stacked by ``nnx.scan``) are used in place.
   """
+  explicit = _explicit_mesh()
+  # Under an Explicit mesh, only matrices of one sharding can be stacked.
+  spec = lambda x: tuple(jax.typeof(x).sharding.spec) if explicit else None
   chunks, run = [], []
   def flush():
     if run:
       chunks.append(jnp.stack(run) if len(run) > 1 else run[0][None])
       run.clear()
   for mat in matrices:
-    if mat.ndim == 2:
+    if mat.ndim == 2 and (not run or spec(mat) == spec(run[0])):
+      run.append(mat)
+    elif mat.ndim == 2:
+      flush()
       run.append(mat)
     else:
       flush()
