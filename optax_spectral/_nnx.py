@@ -3,6 +3,8 @@
 import warnings
 from typing import Any
 
+import jax
+
 from optax_spectral._matrices import SpectralDimensionNumbers
 
 # Params of these modules are scales and shifts, never matrices.
@@ -133,15 +135,16 @@ def nnx_dimension_numbers(model: Any, unknown: str = 'default') -> Any:
     ndim = len(variable.shape)
     result = ... if module is None else _spec(module, str(keys[-1]), ndim)
     if result is ...:
+      result = None
       if ndim >= 2 and unknown == 'default':
         unknown_types.add(type(module).__name__ if module is not None
                           else '(no module)')
-      result = (SpectralDimensionNumbers(-2, -1)
-                if ndim >= 2 and unknown == 'default' else None)
+        result = SpectralDimensionNumbers(-2, -1)
     return result
 
   params = nnx.state(model, nnx.Param)
-  specs = _map_with_path(spec, params, nnx)
+  specs = jax.tree_util.tree_map_with_path(
+      spec, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
   if unknown_types:
     warnings.warn(
         'nnx_dimension_numbers: no rule for module types '
@@ -151,8 +154,3 @@ def nnx_dimension_numbers(model: Any, unknown: str = 'default') -> Any:
         stacklevel=2)
   return specs
 
-
-def _map_with_path(fn, params, nnx):
-  import jax  # pylint: disable=g-import-not-at-top
-  is_var = lambda x: isinstance(x, nnx.Variable)
-  return jax.tree_util.tree_map_with_path(fn, params, is_leaf=is_var)

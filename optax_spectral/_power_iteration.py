@@ -161,10 +161,10 @@ def _lower_inverse(low: jax.Array) -> jax.Array:
     e = _unit(j, k, low.dtype)
     col_j = jnp.sum(low * e, axis=-1, keepdims=True)         # (…, k, 1)
     pivot = jnp.sum(col_j * e[:, None], axis=-2, keepdims=True)
-    row = jnp.sum(inv * e[:, None], axis=-2, keepdims=True) / pivot
+    row_j = jnp.sum(inv * e[:, None], axis=-2, keepdims=True)  # (…, 1, k)
+    row = row_j / pivot
     below = (jnp.arange(k) > j).astype(low.dtype)[:, None]
-    inv = inv + e[:, None] * (row - jnp.sum(inv * e[:, None], axis=-2,
-                                             keepdims=True))
+    inv = inv + e[:, None] * (row - row_j)
     return inv - col_j * below * row
 
   eye = jnp.eye(k, dtype=low.dtype)
@@ -214,14 +214,13 @@ def _stacked(matrices: Sequence[jax.Array]) -> list[jax.Array]:
       chunks.append(jnp.stack(run) if len(run) > 1 else run[0][None])
       run.clear()
   for mat in matrices:
-    if mat.ndim == 2 and (not run or spec(mat) == spec(run[0])):
-      run.append(mat)
-    elif mat.ndim == 2:
-      flush()
-      run.append(mat)
-    else:
+    if mat.ndim != 2:
       flush()
       chunks.append(mat)
+      continue
+    if run and spec(mat) != spec(run[0]):
+      flush()
+    run.append(mat)
   flush()
   return chunks
 

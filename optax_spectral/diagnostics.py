@@ -123,10 +123,14 @@ def bound_summary(opt_state: Any) -> dict[str, Any]:
   leaf, where = min(((k, np.unravel_index(np.argmin(f), f.shape))
                      for k, f in factors.items()),
                     key=lambda kv: factors[kv[0]][kv[1]])
-  if where:
-    leaf = f"{leaf}[{', '.join(str(int(i)) for i in where)}]"
+  leaf = _indexed(leaf, where)
   return {'bound_fraction': float(np.mean(flat < 1)),
           'min_factor': float(flat.min()), 'min_factor_leaf': leaf}
+
+
+def _indexed(leaf: str, index: tuple) -> str:
+  """``'<leaf>'`` for a plain matrix, ``'<leaf>[i, j]'`` in a batch."""
+  return f"{leaf}[{', '.join(str(int(i)) for i in index)}]" if index else leaf
 
 
 def scalars(opt_state: Any) -> dict[str, float]:
@@ -155,8 +159,7 @@ def scalars(opt_state: Any) -> dict[str, float]:
     leaf, field = key.rsplit('/', 1)
     value = np.asarray(value)
     for i in np.ndindex(value.shape):
-      index = f"[{','.join(map(str, i))}]" if i else ''
-      out[f'{field}/{leaf}{index}'] = float(value[i])
+      out[f'{field}/{_indexed(leaf, i)}'] = float(value[i])
   return out
 
 
