@@ -14,6 +14,7 @@ Writes benchmarks/results/stability.{md,json,png}.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -52,19 +53,28 @@ def label(name, warmup, tau):
   return 'adamw2' if tau is None else f'adamw2 tau={tau:g}'
 
 
-def run_one(task, name, warmup, tau, lr, seed, steps, preset, data):
+def run_one(task, name, warmup, tau, lr, seed, steps, preset, data,
+            init_std=None, weight_floor=None):
+  """One training run: its score (GPT: mean train loss of the last 10% of
+  steps; ViT: test accuracy), min late attention entropy, crash flag, and
+  the mean fraction of matrices the bound shrank in each third of the run."""
   cfg = common.OptimizerConfig(name=name, lr=lr, warmup_steps=warmup,
-                               tau=tau, steps=steps)
+                               tau=tau, steps=steps,
+                               weight_floor=weight_floor)
   if task == 'gpt':
-    _, history = gpt.train(cfg, gpt.PRESETS[preset], data, seed=seed)
+    model_cfg = dataclasses.replace(gpt.PRESETS[preset], init_std=init_std)
+    _, history = gpt.train(cfg, model_cfg, data, seed=seed)
     score = float(np.mean([r['loss'] for r in history[-max(steps // 10, 1):]]))
   else:
-    _, history, score = vit.train(cfg, vit.PRESETS[preset], data, seed=seed)
+    model_cfg = dataclasses.replace(vit.PRESETS[preset], init_std=init_std)
+    _, history, score = vit.train(cfg, model_cfg, data, seed=seed)
   late = history[len(history) // 2:]
+  thirds = np.array_split([r['bound_active'] for r in history], 3)
   return {'task': task, 'setting': label(name, warmup, tau), 'lr': lr,
           'seed': seed, 'score': score,
           'min_entropy': float(min(r['entropy_min'] for r in late)),
-          'crashed': crashed(history)}
+          'crashed': crashed(history),
+          'bound_active_thirds': [float(np.mean(t)) for t in thirds]}
 
 
 def plot(runs, tasks, lrs, rows, path):

@@ -30,6 +30,15 @@ def sharded(init, names):
   return nnx.with_partitioning(init, names)
 
 
+def kernel_init(init_std: float | None):
+  """LeCun normal (std 1/sqrt(fan_in), variance-preserving) by default, or
+  a plain normal of ``init_std`` (GPT-2 and ViT use 0.02): the small inits
+  under which a bound relative to σ1(W) would throttle early training."""
+  if init_std is None:
+    return nnx.initializers.lecun_normal()
+  return nnx.initializers.normal(init_std)
+
+
 # --- model --------------------------------------------------------------------
 
 def attention(q, k, v, causal: bool):
@@ -51,9 +60,10 @@ def attention(q, k, v, causal: bool):
 class Block(nnx.Module):
   """Pre-LN transformer block: self-attention and a GELU MLP."""
 
-  def __init__(self, d: int, n_head: int, causal: bool, rngs: nnx.Rngs):
+  def __init__(self, d: int, n_head: int, causal: bool, rngs: nnx.Rngs,
+               init_std: float | None = None):
     self.n_head, self.causal = n_head, causal
-    kernel = sharded(nnx.initializers.lecun_normal(), (AXIS, None))
+    kernel = sharded(kernel_init(init_std), (AXIS, None))
     linear = lambda i, o: nnx.Linear(i, o, kernel_init=kernel, rngs=rngs)
     self.ln1 = nnx.LayerNorm(d, rngs=rngs)
     self.qkv = linear(d, 3 * d)
@@ -80,17 +90,17 @@ class Blocks(nnx.Module):
   """
 
   def __init__(self, n: int, d: int, n_head: int, causal: bool, scan: bool,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, init_std: float | None = None):
     self.scan = scan
     if scan:
       @nnx.split_rngs(splits=n)
       @nnx.vmap(in_axes=(0,), out_axes=0,
                 transform_metadata={nnx.PARTITION_NAME: None})
       def make(rngs):
-        return Block(d, n_head, causal, rngs)
+        return Block(d, n_head, causal, rngs, init_std)
       self.layers = make(rngs)
     else:
-      self.layers = nnx.List([Block(d, n_head, causal, rngs)
+      self.layers = nnx.List([Block(d, n_head, causal, rngs, init_std)
                               for _ in range(n)])
 
   def __call__(self, x):
@@ -118,6 +128,7 @@ class OptimizerConfig:
   steps: int = 300
   weight_decay: float = 0.1
   tau: float | None = None     # None: the library default
+  weight_floor: float | None = None  # None: the library default
   b2: float = 0.95
 
 
@@ -153,11 +164,12 @@ def make_optimizer(cfg: OptimizerConfig, model: nnx.Module,
     return optax.adamw(lr, b2=cfg.b2, weight_decay=cfg.weight_decay,
                        mask=decay)
   if cfg.name == 'adamw2':
-    tau = {} if cfg.tau is None else {'tau': cfg.tau}
+    given = {k: v for k, v in [('tau', cfg.tau),
+                               ('weight_floor', cfg.weight_floor)]
+             if v is not None}
     return optax_spectral.adamw2(lr, b2=cfg.b2, weight_decay=cfg.weight_decay,
-                                 mask=decay,
-                                 dimension_numbers=dims, **tau,
-                                 **adamw2_options)
+                                 mask=decay, dimension_numbers=dims,
+                                 **given, **adamw2_options)
   raise ValueError(f'unknown optimizer {cfg.name!r}: use adamw or adamw2')
 
 
@@ -300,6 +312,9 @@ def add_training_args(parser, batch_size: int, presets):
   parser.add_argument('--steps', type=int, default=300)
   parser.add_argument('--batch-size', type=int, default=batch_size)
   parser.add_argument('--preset', default='small', choices=sorted(presets))
+  parser.add_argument('--init-std', type=float, default=None,
+                      help='init std of every kernel and embedding (default: '
+                      'variance-preserving, LeCun normal; GPT-2 uses 0.02)')
   parser.add_argument('--scan', action='store_true',
                       help='stack the layers and run them with nnx.scan')
   parser.add_argument('--out', default=None,

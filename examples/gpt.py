@@ -30,6 +30,7 @@ class GPTConfig:
   n_head: int = 4
   n_embd: int = 128
   scan: bool = False   # stack the layers and run them with nnx.scan
+  init_std: float | None = None  # None: variance-preserving (LeCun)
 
 
 PRESETS = {
@@ -81,13 +82,16 @@ class GPT(nnx.Module):
 
   def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
     embed = common.sharded(nnx.initializers.variance_scaling(
-        1.0, 'fan_in', 'normal', out_axis=0), (None, common.AXIS))
+        1.0, 'fan_in', 'normal', out_axis=0) if cfg.init_std is None else
+                           nnx.initializers.normal(cfg.init_std),
+                           (None, common.AXIS))
     self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=embed,
                          rngs=rngs)
     self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, embedding_init=embed,
                          rngs=rngs)
     self.blocks = common.Blocks(cfg.n_layer, cfg.n_embd, cfg.n_head,
-                                causal=True, scan=cfg.scan, rngs=rngs)
+                                causal=True, scan=cfg.scan, rngs=rngs,
+                                init_std=cfg.init_std)
     self.ln_f = nnx.LayerNorm(cfg.n_embd, rngs=rngs)
 
   def __call__(self, idx):
@@ -151,7 +155,8 @@ def main():
   text = open(args.text, encoding='utf-8').read() if args.text else (
       pydoc_text())
   data = CharData(text)
-  cfg = dataclasses.replace(PRESETS[args.preset], scan=args.scan)
+  cfg = dataclasses.replace(PRESETS[args.preset], scan=args.scan,
+                            init_std=args.init_std)
   opt, run = common.configs_from_args(args, 'gpt')
   t0 = time.time()
   model, history = train(opt, cfg, data, args.batch_size, run=run)

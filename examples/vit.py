@@ -34,6 +34,7 @@ class ViTConfig:
   n_head: int = 4
   n_embd: int = 64
   scan: bool = False
+  init_std: float | None = None  # None: variance-preserving (LeCun)
 
 
 PRESETS = {
@@ -99,7 +100,7 @@ class ViT(nnx.Module):
     d = cfg.n_embd
     # Shard the model-width axis: patch size and class count need not
     # divide by the number of devices.
-    init = nnx.initializers.lecun_normal()
+    init = common.kernel_init(cfg.init_std)
     self.embed = nnx.Linear(cfg.patch**2 * cfg.channels, d, rngs=rngs,
                             kernel_init=common.sharded(init,
                                                        (None, common.AXIS)))
@@ -107,7 +108,8 @@ class ViT(nnx.Module):
     self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, n + 1,
                                                                   d)))
     self.blocks = common.Blocks(cfg.n_layer, d, cfg.n_head, causal=False,
-                                scan=cfg.scan, rngs=rngs)
+                                scan=cfg.scan, rngs=rngs,
+                                init_std=cfg.init_std)
     self.ln = nnx.LayerNorm(d, rngs=rngs)
     self.head = nnx.Linear(d, cfg.classes, rngs=rngs,
                            kernel_init=common.sharded(init,
@@ -176,7 +178,8 @@ def main():
   main_process = common.init_distributed()
   data = cifar10(args.data_dir) if args.data_dir else digits()
   cfg = dataclasses.replace(PRESETS[args.preset], scan=args.scan,
-                            patch=4 if args.data_dir else 2)
+                            patch=4 if args.data_dir else 2,
+                            init_std=args.init_std)
   opt, run = common.configs_from_args(args, 'vit')
   t0 = time.time()
   model, history, acc = train(opt, cfg, data, args.batch_size, run=run)

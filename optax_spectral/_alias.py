@@ -27,6 +27,7 @@ def adamw2(
     block_size: int | None = None,
     max_extrapolation: jax.typing.ArrayLike = (
         _transform.DEFAULT_MAX_EXTRAPOLATION),
+    weight_floor: jax.typing.ArrayLike = _transform.DEFAULT_WEIGHT_FLOOR,
     dimension_numbers: _matrices.DimensionNumbersOrFn = None,
     bound_vectors: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -94,7 +95,7 @@ def adamw2(
           tau, num_iterations=num_iterations,
           num_iterations_first=num_iterations_first,
           num_iterations_weight=num_iterations_weight, block_size=block_size,
-          max_extrapolation=max_extrapolation,
+          max_extrapolation=max_extrapolation, weight_floor=weight_floor,
           dimension_numbers=dimension_numbers, bound_vectors=bound_vectors),
   )
 

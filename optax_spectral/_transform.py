@@ -25,11 +25,21 @@ DEFAULT_BLOCK_SIZE = 8
 # Largest correction applied by extrapolating the last iteration (see
 # ``scale_by_spectral_bound``). It can only tighten the bound.
 DEFAULT_MAX_EXTRAPOLATION = 0.15
+# The σ1(W) used in the bound is at least this times the σ1 of a
+# variance-preserving random matrix of the same shape (README, "Small
+# inits"): a small-init matrix may then grow at the rate a standard-init one
+# may, instead of by 2% of its small self per step.
+DEFAULT_WEIGHT_FLOOR = 1.0
 
 
-# Per-leaf numbers of the last step, packed along a last axis of size 3 (one
-# array per leaf keeps the per-step cost at one small copy per leaf).
-STATS = ('sigma_weight', 'sigma_update', 'factor')
+# Per-leaf numbers of the last step, packed along a last axis (one array per
+# leaf keeps the per-step cost at one small copy per leaf). ``bounded_recent``
+# is the fraction of recent steps on which the bound shrank the matrix's
+# step: the mean over all steps so far, then an exponential average over
+# about the last ``RECENT_STEPS``, so that a bound that throttles learning for
+# long stretches shows (diagnostics.bound_summary).
+STATS = ('sigma_weight', 'sigma_update', 'factor', 'bounded_recent')
+RECENT_STEPS = 100
 
 
 class SpectralGroupState(NamedTuple):
@@ -161,6 +171,7 @@ def scale_by_spectral_bound(
     num_iterations_weight: int | None = None,
     block_size: int | None = None,
     max_extrapolation: jax.typing.ArrayLike = DEFAULT_MAX_EXTRAPOLATION,
+    weight_floor: jax.typing.ArrayLike = DEFAULT_WEIGHT_FLOOR,
     dimension_numbers: _matrices.DimensionNumbersOrFn = None,
     bound_vectors: bool = False,
     seed: int = 0,
@@ -264,7 +275,8 @@ def scale_by_spectral_bound(
     ...                  optax_spectral.scale_by_spectral_bound(tau=0.1))
     >>> state = tx.init(params)
     >>> updates, state = tx.update({'w': jnp.ones((3, 3))}, state, params)
-    >>> float(jnp.linalg.norm(updates['w'], ord=2)) <= 0.1 + 1e-6
+    >>> # σ1(W) = 1 is below the floor of a 3 x 3 matrix, 1 + sqrt(3/3) = 2:
+    >>> float(jnp.linalg.norm(updates['w'], ord=2)) <= 0.1 * 2 + 1e-6
     True
 
   References:
@@ -273,6 +285,7 @@ def scale_by_spectral_bound(
   """
   _check_positive('tau', tau)
   _check_positive('max_extrapolation', max_extrapolation, allow_zero=True)
+  _check_positive('weight_floor', weight_floor, allow_zero=True)
   num_iterations = _count('num_iterations', num_iterations,
                           DEFAULT_NUM_ITERATIONS)
   num_iterations_first = _count('num_iterations_first', num_iterations_first,
@@ -300,8 +313,8 @@ def scale_by_spectral_bound(
                                        stats='not params-shaped',
                                        groups='not params-shaped')
     views = views_of(params)
-    stats = {name: jnp.broadcast_to(jnp.asarray([0, 0, 1], jnp.float32),
-                                    view.batch_shape + (3,))
+    stats = {name: jnp.broadcast_to(jnp.asarray([0, 0, 1, 0], jnp.float32),
+                                    view.batch_shape + (len(STATS),))
              for name, view in views.items()}
     key = jax.random.key(seed)
     groups = {}
@@ -364,7 +377,10 @@ def scale_by_spectral_bound(
     tau_ = jnp.where(tau_ > 0, tau_, jnp.finfo(jnp.float32).tiny)
     extrapolation = jnp.asarray(max_extrapolation, jnp.float32)
     extrapolation = jnp.where(extrapolation >= 0, extrapolation, 0)
+    floor = jnp.asarray(weight_floor, jnp.float32)
+    floor = jnp.where(floor >= 0, floor, 0)
     new_stats, new_groups, factors = {}, {}, {}
+    recent_weight = jnp.minimum(count + 1, RECENT_STEPS).astype(jnp.float32)
     for g, s, w, d in zip(plan, states, estimates[:len(plan)],
                           estimates[len(plan):]):
       # Geometric extrapolation of the last iteration, capped: it only ever
@@ -373,21 +389,30 @@ def scale_by_spectral_bound(
       ratio = jnp.clip(jnp.nan_to_num(ratio, nan=1.0), 1, 1 + extrapolation)
       sigma_d = d.sigma * ratio * jnp.asarray(lr_scale, jnp.float32)
       sigma_w = w.sigma
-      limit = tau_ * sigma_w
-      # σ1(W) = 0: no bound (else a zero matrix never moves); σ1(Δ) = 0 or
-      # non-finite: the comparison is False and the factor stays 1.
-      active = (sigma_w > 0) & (sigma_d > limit)
+      # Floored at a multiple of σ1 of a variance-preserving random matrix
+      # (entries of std 1/sqrt(rows)): 1 + sqrt(cols / rows).
+      reference = 1 + math.sqrt(g.cols / g.rows)
+      limit = tau_ * jnp.maximum(sigma_w, floor * reference)
+      # A zero limit (σ1(W) = 0 and no floor): no bound, else a zero matrix
+      # never moves; σ1(Δ) = 0 or non-finite: the comparison is False and
+      # the factor stays 1.
+      active = (limit > 0) & (sigma_d > limit)
       factor = jnp.where(active, limit / jnp.where(active, sigma_d, 1), 1)
       # In (0, 1] whatever an injected tau is: never reversed, never zero.
       factor = jnp.clip(factor, jnp.finfo(jnp.float32).tiny, 1)
       new_groups[g.key] = SpectralGroupState(
           weight=w.block.astype(s.weight.dtype),
           update=d.block.astype(s.update.dtype))
-      packed = jnp.stack([sigma_w, sigma_d, factor], -1).astype(jnp.float32)
+      recent = jnp.concatenate([state.stats[n][..., 3].reshape(-1)
+                                for n in g.names])
+      recent = recent + ((factor < 1) - recent) / recent_weight
+      packed = jnp.stack([sigma_w, sigma_d, factor, recent],
+                         -1).astype(jnp.float32)
       start = 0
       for name, size in zip(g.names, g.sizes):
         shape = views[name].batch_shape
-        new_stats[name] = packed[start:start + size].reshape(shape + (3,))
+        new_stats[name] = packed[start:start + size].reshape(
+            shape + (len(STATS),))
         factors[name] = factor[start:start + size].reshape(shape)
         start += size
 
@@ -420,9 +445,11 @@ def spectral_stats(opt_state: Any) -> dict[str, jax.Array]:
 
   Returns:
     ``{'<leaf>/sigma_weight': σ1(W), '<leaf>/sigma_update': σ1(Δ) before the
-    bound, '<leaf>/factor': applied factor}`` with one entry per bounded leaf;
-    values have the leaf's batch shape (scalars for plain matrices). A factor
-    below 1 means the bound was active.
+    bound, '<leaf>/factor': applied factor, '<leaf>/bounded_recent':
+    fraction of recent steps (about the last 100) whose step the bound
+    shrank}`` with one entry per bounded leaf; values have the leaf's batch
+    shape (scalars for plain matrices). A factor below 1 means the bound was
+    active.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -431,7 +458,7 @@ def spectral_stats(opt_state: Any) -> dict[str, jax.Array]:
     >>> params = {'w': jnp.eye(2)}
     >>> state = tx.init(params)
     >>> sorted(optax_spectral.spectral_stats(state))
-    ['w/factor', 'w/sigma_update', 'w/sigma_weight']
+    ['w/bounded_recent', 'w/factor', 'w/sigma_update', 'w/sigma_weight']
   """
   is_state = lambda x: isinstance(x, ScaleBySpectralBoundState)
   found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_state)

@@ -105,7 +105,13 @@ def bound_summary(opt_state: Any) -> dict[str, Any]:
   Returns:
     ``bound_fraction``: fraction of bounded matrices whose step was shrunk;
     ``min_factor``: the smallest applied factor; ``min_factor_leaf``: where
-    (``'<leaf>'`` or ``'<leaf>[i, j]'`` for a batch of matrices).
+    (``'<leaf>'`` or ``'<leaf>[i, j]'`` for a batch of matrices);
+    ``throttled_fraction``: fraction of matrices whose step was shrunk on
+    more than half of the recent steps (about the last 100), i.e. where the
+    bound, not the learning rate, sets the pace for long stretches (expected
+    early in training, when it replaces warmup; see README, "Small inits");
+    ``most_throttled_leaf`` and ``most_throttled``: the matrix bounded on
+    the largest fraction of recent steps, and that fraction.
 
   Examples:
     >>> import jax.numpy as jnp, optax_spectral
@@ -116,16 +122,27 @@ def bound_summary(opt_state: Any) -> dict[str, Any]:
     >>> diagnostics.bound_summary(state)['bound_fraction']
     1.0
   """
-  stats = _transform.spectral_stats(opt_state)
-  factors = {k[:-len('/factor')]: np.asarray(v) for k, v in stats.items()
-             if k.endswith('/factor')}
+  stats = jax.device_get(_transform.spectral_stats(opt_state))
+  field = lambda name: {k[:-len(name) - 1]: np.asarray(v)
+                        for k, v in stats.items() if k.endswith('/' + name)}
+  factors, recent = field('factor'), field('bounded_recent')
   flat = np.concatenate([f.ravel() for f in factors.values()])
-  leaf, where = min(((k, np.unravel_index(np.argmin(f), f.shape))
-                     for k, f in factors.items()),
-                    key=lambda kv: factors[kv[0]][kv[1]])
-  leaf = _indexed(leaf, where)
+  flat_recent = np.concatenate([f.ravel() for f in recent.values()])
   return {'bound_fraction': float(np.mean(flat < 1)),
-          'min_factor': float(flat.min()), 'min_factor_leaf': leaf}
+          'min_factor': float(flat.min()),
+          'min_factor_leaf': _extreme(factors, np.argmin),
+          'throttled_fraction': float(np.mean(flat_recent > 0.5)),
+          'most_throttled': float(flat_recent.max()),
+          'most_throttled_leaf': _extreme(recent, np.argmax)}
+
+
+def _extreme(values: dict[str, np.ndarray], arg) -> str:
+  """Where ``arg`` (``np.argmin``/``np.argmax``) of all values lies, as
+  ``'<leaf>'`` or ``'<leaf>[i, j]'``."""
+  best = {k: np.unravel_index(arg(v), v.shape) for k, v in values.items()}
+  pick = [v[best[k]] for k, v in values.items()]
+  leaf = list(values)[int(arg(pick))]
+  return _indexed(leaf, best[leaf])
 
 
 def _indexed(leaf: str, index: tuple) -> str:
@@ -143,7 +160,8 @@ def scalars(opt_state: Any) -> dict[str, float]:
   Returns:
     ``{'<field>/<leaf>': value}`` for plain matrices and ``'<field>/<leaf>[i,
     j]'`` for each matrix of a batch, ``<field>`` being ``sigma_weight``,
-    ``sigma_update`` or ``factor`` (so a writer groups them by field).
+    ``sigma_update``, ``factor`` or ``bounded_recent`` (so a writer groups
+    them by field).
 
   Examples:
     >>> import jax.numpy as jnp, optax_spectral

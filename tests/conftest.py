@@ -31,6 +31,20 @@ def sigma1(x):
   return np.linalg.svd(np.asarray(x, np.float64), compute_uv=False)[..., 0]
 
 
+def floor_sigma(shape, weight_floor=1.0):
+  """The floor of the σ1(W) in the bound: ``weight_floor`` times σ1 of a
+  LeCun-normal ``rows x cols`` matrix, ``1 + sqrt(cols / rows)`` (the
+  Marchenko–Pastur edge; checked against numpy in test_transform)."""
+  rows, cols = shape[-2:]
+  return weight_floor * (1 + np.sqrt(cols / rows))
+
+
+def allowed(w, tau, weight_floor=1.0):
+  """The largest step σ1 the bound allows a matrix ``w`` (batch over the
+  leading axes), from an exact SVD."""
+  return tau * np.maximum(sigma1(w), floor_sigma(np.shape(w), weight_floor))
+
+
 @pytest.fixture
 def rng():
   return np.random.default_rng(0)

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import optax_spectral
-from conftest import planted, sigma1
+from conftest import floor_sigma, planted, sigma1
 
 
 @pytest.fixture
@@ -125,7 +125,7 @@ def test_masked_and_partition(problem, rng):
   np.testing.assert_allclose(outs[0]['w'], -grads[0]['w'] * factor,
                              rtol=1e-4)
   assert set(optax_spectral.spectral_stats(state)) == {
-      'w/factor', 'w/sigma_update', 'w/sigma_weight'}
+      'w/bounded_recent', 'w/factor', 'w/sigma_update', 'w/sigma_weight'}
 
   labels = {'w': 'bounded', 'b': 'plain', 'v': 'bounded'}
   tx = optax.partition({'bounded': optax_spectral.adamw2(0.3, tau=0.01),
@@ -219,11 +219,18 @@ def test_scan_converges_on_linear_regression(rng, start):
 
 def test_zero_matrix_moves_and_zero_update_is_finite(problem):
   params = {'w': jnp.zeros((4, 3))}
-  tx = optax_spectral.adamw2(0.1)
+  # The floor bounds a zero matrix's step at tau * (1 + sqrt(3/4)).
+  tx = optax_spectral.adamw2(0.1, tau=0.02)
   state = tx.init(params)
   u, state = tx.update({'w': jnp.ones((4, 3))}, state, params)
+  np.testing.assert_allclose(sigma1(u['w']), 0.02 * floor_sigma((4, 3)),
+                             rtol=1e-4)
+  # Without a floor (the paper's rule) it is not bounded, as in optax's
+  # trust ratio: a zero matrix must still move.
+  tx0 = optax_spectral.adamw2(0.1, tau=0.02, weight_floor=0.0)
+  u, state0 = tx0.update({'w': jnp.ones((4, 3))}, tx0.init(params), params)
   assert float(jnp.abs(u['w']).max()) > 0
-  assert float(optax_spectral.spectral_stats(state)['w/factor']) == 1.0
+  assert float(optax_spectral.spectral_stats(state0)['w/factor']) == 1.0
   params = {'w': jnp.eye(4, 3)}
   u, state = tx.update({'w': jnp.zeros((4, 3))}, tx.init(params), params)
   assert np.isfinite(np.asarray(u['w'])).all()

@@ -44,19 +44,24 @@ def test_attention_entropy_hand_values():
 
 
 def test_bound_summary_and_collapse_warning():
-  params = {'big': jnp.eye(4), 'small': jnp.eye(4) * 100.0,
-            'stack': jnp.stack([jnp.eye(3) * 0.5, jnp.eye(3) * 100.0])}
+  # σ1(W) 2.5 and 5 are above the floors of 4 x 4 and 3 x 3 matrices (2).
+  params = {'big': jnp.eye(4) * 2.5, 'small': jnp.eye(4) * 100.0,
+            'stack': jnp.stack([jnp.eye(3) * 5.0, jnp.eye(3) * 100.0])}
   tx = optax.chain(optax.sgd(1.0),
                    optax_spectral.scale_by_spectral_bound(tau=0.1))
   grads = {'big': jnp.ones((4, 4)), 'small': jnp.ones((4, 4)),
            'stack': jnp.ones((2, 3, 3))}
   _, state = tx.update(grads, tx.init(params), params)
   summary = diagnostics.bound_summary(state)
-  # Step σ1 = 4 against τσ1(W) = 0.1 (bounded, factor 0.025) and 10 (not);
-  # the stack: 3 against 0.05 (factor 1/60, the smallest) and 10.
+  # Step σ1 = 4 against τσ1(W) = 0.25 (bounded, factor 1/16) and 10 (not);
+  # the stack: 3 against 0.5 (factor 1/6) and 10.
   assert summary['bound_fraction'] == 0.5
-  np.testing.assert_allclose(summary['min_factor'], 0.05 / 3, rtol=1e-4)
-  assert summary['min_factor_leaf'] == 'stack[0]'
+  np.testing.assert_allclose(summary['min_factor'], 0.25 / 4, rtol=1e-4)
+  assert summary['min_factor_leaf'] == 'big'
+  # One step so far: bounded on all recent steps, or none.
+  assert summary['throttled_fraction'] == 0.5
+  assert summary['most_throttled'] == 1.0
+  assert summary['most_throttled_leaf'] == 'big'
   with pytest.warns(RuntimeWarning, match='collapsed at step 7'):
     assert diagnostics.warn_if_attention_collapsed(
         jnp.array([[1.0, 0.05]]), step=7)

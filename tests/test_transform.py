@@ -10,7 +10,7 @@ import pytest
 
 import optax_spectral
 from optax_spectral import SpectralDimensionNumbers as D
-from conftest import planted, sigma1
+from conftest import allowed, floor_sigma, planted, sigma1
 
 
 def _one_step(tx, updates, params):
@@ -21,13 +21,15 @@ def _one_step(tx, updates, params):
 @pytest.mark.parametrize('shape', [(24, 10), (10, 24)])
 @pytest.mark.parametrize('step_scale', [0.01, 1.0])
 def test_factor_matches_exact_svd(rng, shape, step_scale):
+  # σ1(W) = 2: above the floor for 24 x 10 (1.65), below it for 10 x 24
+  # (2.55), where the floor sets the bound.
   w = planted(rng, shape, top=2.0)
   d = planted(rng, shape, top=3.0) * step_scale
   tau = 0.1
   out, state = _one_step(optax_spectral.scale_by_spectral_bound(tau),
                          {'w': jnp.asarray(d, jnp.float32)},
                          {'w': jnp.asarray(w, jnp.float32)})
-  factor = min(1.0, tau * sigma1(w) / sigma1(d))
+  factor = min(1.0, allowed(w, tau) / sigma1(d))
   np.testing.assert_allclose(out['w'], d * factor, rtol=1e-4, atol=1e-7)
   stats = optax_spectral.spectral_stats(state)
   np.testing.assert_allclose(stats['w/sigma_weight'], sigma1(w), rtol=1e-4)
@@ -84,14 +86,17 @@ def test_vectors_pass_through_unless_asked(rng):
   out, _ = _one_step(
       optax_spectral.scale_by_spectral_bound(0.1, bound_vectors=True),
       updates, params)
-  # 1-D leaves as 1 x n matrices: σ1 is the L2 norm; 0-D still passes.
-  np.testing.assert_allclose(out['b'], updates['b'] * 0.1 * np.sqrt(5)
+  # 1-D leaves as 1 x n matrices: σ1 is the L2 norm, here sqrt(5), below
+  # the floor of a 1 x 5 matrix, 1 + sqrt(5); 0-D still passes.
+  np.testing.assert_allclose(out['b'], updates['b'] * 0.1 * (1 + np.sqrt(5))
                              / np.sqrt(500), rtol=1e-5)
   np.testing.assert_array_equal(out['s'], updates['s'])
 
 
-def _numpy_adamw2(w, grads, lr, tau, b1=0.9, b2=0.999, eps=1e-8, wd=1e-4):
-  """AdamW with the exact AdamW² bound, in float64."""
+def _numpy_adamw2(w, grads, lr, tau, b1=0.9, b2=0.999, eps=1e-8, wd=1e-4,
+                  weight_floor=1.0):
+  """AdamW with the exact AdamW² bound, in float64: the step's σ1 is at most
+  tau * max(σ1(W), weight_floor * (1 + sqrt(cols / rows)))."""
   m = np.zeros_like(w)
   v = np.zeros_like(w)
   factors = []
@@ -100,13 +105,17 @@ def _numpy_adamw2(w, grads, lr, tau, b1=0.9, b2=0.999, eps=1e-8, wd=1e-4):
     v = b2 * v + (1 - b2) * g * g
     step = -lr * ((m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
                   + wd * w)
-    factor = min(1.0, tau * sigma1(w) / sigma1(step))
+    floor = weight_floor * (1 + np.sqrt(w.shape[1] / w.shape[0]))
+    factor = min(1.0, tau * max(sigma1(w), floor) / sigma1(step))
     factors.append(factor)
     w = w + factor * step
   return w, factors
 
 
-def test_adamw2_matches_numpy_reference(rng):
+@pytest.mark.parametrize('weight_floor', [0.0, 1.0, 3.0])
+def test_adamw2_matches_numpy_reference(rng, weight_floor):
+  # σ1(W) starts at ~1.8 and grows: below, near and above the floors
+  # (0, 1.76 and 5.3), so that each run crosses or sits on one side.
   w0 = rng.normal(size=(12, 7)) * 0.3
   target = rng.normal(size=(12, 7))
   lr, tau, steps = 0.05, 0.03, 12
@@ -114,7 +123,8 @@ def test_adamw2_matches_numpy_reference(rng):
   # Converged estimates on both sides, so that only the rule is compared.
   tx = optax_spectral.adamw2(lr, tau=tau, num_iterations=30,
                              num_iterations_first=100,
-                             num_iterations_weight=30, max_extrapolation=0.0)
+                             num_iterations_weight=30, max_extrapolation=0.0,
+                             weight_floor=weight_floor)
   params = {'w': jnp.asarray(w0, jnp.float32)}
   state = tx.init(params)
   update = jax.jit(tx.update)
@@ -124,7 +134,8 @@ def test_adamw2_matches_numpy_reference(rng):
     grads.append(g)
     u, state = update({'w': jnp.asarray(g, jnp.float32)}, state, params)
     params = optax.apply_updates(params, u)
-  w_ref, factors = _numpy_adamw2(w0, grads, lr, tau)
+  w_ref, factors = _numpy_adamw2(w0, grads, lr, tau,
+                                 weight_floor=weight_floor)
   assert min(factors) < 0.9, 'the bound should be active in this test'
   np.testing.assert_allclose(params['w'], w_ref, rtol=2e-4, atol=2e-5)
 
@@ -161,7 +172,8 @@ def test_both_placements_give_the_same_update(rng, schedule):
 
 
 def test_random_direction_gradients_stay_within_ten_percent(rng):
-  """Default settings: applied σ1(Δ) <= 1.1 τ σ1(W) after the fifth step."""
+  """Default settings: applied σ1(Δ) <= 1.1 times the allowed step after the
+  fifth step (a small init: the floor sets the bound)."""
   tau = inspect.signature(optax_spectral.adamw2).parameters['tau'].default
   for shape in [(96, 96), (64, 160), (160, 64)]:
     params = {'w': jnp.asarray(rng.normal(size=shape) * 0.02, jnp.float32)}
@@ -172,7 +184,63 @@ def test_random_direction_gradients_stay_within_ten_percent(rng):
     for _ in range(25):
       g = {'w': jnp.asarray(rng.normal(size=shape), jnp.float32)}
       u, state = update(g, state, params)
-      ratios.append(sigma1(u['w']) / (tau * sigma1(params['w'])))
+      ratios.append(sigma1(u['w']) / allowed(params['w'], tau))
       params = optax.apply_updates(params, u)
     assert max(ratios[5:]) <= 1.1, (shape, max(ratios[5:]))
     assert min(ratios[5:]) >= 0.85, 'bound should be active and not too tight'
+
+
+def test_floor_is_sigma1_of_a_variance_preserving_random_matrix(rng):
+  """1 + sqrt(cols / rows) is σ1 of a rows x cols matrix with entries of std
+  1/sqrt(rows) (LeCun normal), to within 5% at these sizes."""
+  for rows, cols in [(256, 256), (128, 512), (512, 128), (64, 1000)]:
+    w = rng.normal(size=(rows, cols)) / np.sqrt(rows)
+    np.testing.assert_allclose(sigma1(w), floor_sigma((rows, cols)),
+                               rtol=0.05)
+
+
+@pytest.mark.parametrize('weight_floor', [0.0, 1.0, 0.5])
+def test_small_and_zero_matrices_move_at_the_floor(rng, weight_floor):
+  """A matrix far below the floor may take a step of tau times the floor,
+  not tau times its own small σ1 (weight_floor=0: the paper's rule), and a
+  zero matrix moves either way (with no floor, unbounded)."""
+  tau, shape = 0.02, (32, 96)
+  w = rng.normal(size=shape) * 0.002
+  d = rng.normal(size=shape)
+  params = {'small': jnp.asarray(w, jnp.float32),
+            'zero': jnp.zeros(shape, jnp.float32)}
+  updates = {'small': jnp.asarray(d, jnp.float32),
+             'zero': jnp.asarray(d, jnp.float32)}
+  out, state = _one_step(optax_spectral.scale_by_spectral_bound(
+      tau, weight_floor=weight_floor), updates, params)
+  limit = tau * max(sigma1(w), weight_floor * (1 + np.sqrt(96 / 32)))
+  # rtol: the power iteration's underestimate of a random matrix's σ1.
+  np.testing.assert_allclose(sigma1(out['small']), limit, rtol=1e-2)
+  zero_limit = tau * weight_floor * (1 + np.sqrt(3)) or sigma1(d)
+  np.testing.assert_allclose(sigma1(out['zero']), zero_limit, rtol=1e-3)
+  with pytest.raises(ValueError, match='weight_floor'):
+    optax_spectral.adamw2(1e-3, weight_floor=-1.0)
+
+
+def test_bounded_recent_is_the_fraction_of_recent_steps_bounded():
+  """Hand count: bounded on steps 1-3 (lr 1), free after (lr 1e-6): 3/5
+  after 5 steps, 3/n after n = RECENT_STEPS, then an exponential average of
+  weight 1/n."""
+  params = {'w': jnp.eye(4)}
+  lr = optax.piecewise_constant_schedule(1.0, {3: 1e-6})
+  tx = optax.chain(optax.sgd(lr),
+                   optax_spectral.scale_by_spectral_bound(0.05))
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  g = {'w': jnp.ones((4, 4))}
+  for _ in range(5):
+    _, state = update(g, state, params)
+  recent = optax_spectral.spectral_stats(state)['w/bounded_recent']
+  np.testing.assert_allclose(recent, 3 / 5, rtol=1e-6)
+  n = optax_spectral._transform.RECENT_STEPS  # pylint: disable=protected-access
+  for _ in range(n - 5):
+    _, state = update(g, state, params)
+  recent = lambda: optax_spectral.spectral_stats(state)['w/bounded_recent']
+  np.testing.assert_allclose(recent(), 3 / n, rtol=1e-4)  # mean of n steps
+  _, state = update(g, state, params)
+  np.testing.assert_allclose(recent(), 3 / n * (1 - 1 / n), rtol=1e-4)

@@ -1,0 +1,199 @@
+"""Is adamw2 neutral where AdamW is fine, whatever the init scale?
+
+    python benchmarks/small_init.py            # ~70 minutes on 2 CPU cores
+    python benchmarks/small_init.py --quick    # ~1 minute, what CI runs
+
+A bound relative to σ1(W) throttles a matrix that starts small: with
+``tau=0.02`` it may grow by 2% of its small self per step. Grid: init scale
+(variance-preserving LeCun normal, std 0.02 as in GPT-2/ViT, std 0.01) x
+peak learning rate x {adamw, adamw + warmup, adamw2 with the paper's rule
+(``weight_floor=0``), adamw2 with its default floor} x seeds, on the GPT and
+ViT examples. Each finished run is appended to ``<out>.jsonl`` at once and
+skipped when the command is run again, so an interrupted sweep resumes.
+Writes benchmarks/results/small_init.{md,json,png}.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import stability  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+gpt, vit = stability.gpt, stability.vit
+
+INITS = {'lecun': None, 'std 0.02': 0.02, 'std 0.01': 0.01}
+
+
+def settings(warmup):
+  """(label, optimizer, warmup steps, weight_floor)."""
+  return [('adamw', 'adamw', 0, None),
+          (f'adamw + {warmup} warmup', 'adamw', warmup, None),
+          ('adamw2 paper rule (weight_floor=0)', 'adamw2', 0, 0.0),
+          ('adamw2 (default)', 'adamw2', 0, None)]
+
+
+def key(r):
+  return (r['task'], r['init'], r['setting'], r['lr'], r['seed'])
+
+
+def table(runs, task, inits, rows, lrs):
+  """Markdown: one row per (init, setting), mean score over seeds."""
+  lines = ['| init | setting | ' + ' | '.join(f'lr {lr:g}' for lr in lrs)
+           + ' |', '|---|---' + '|---' * len(lrs) + '|']
+  for init in inits:
+    for row in rows:
+      cells = []
+      for lr in lrs:
+        cell = [r for r in runs if (r['task'], r['init'], r['setting'],
+                                    r['lr']) == (task, init, row, lr)]
+        if not cell:
+          cells.append('–')
+          continue
+        active = np.mean([r['bound_active_thirds'] for r in cell], axis=0)
+        note = ('' if row.startswith('adamw ') or row == 'adamw' else
+                ' [' + '/'.join(f'{a:.0%}' for a in active) + ']')
+        cells.append(f"{np.mean([r['score'] for r in cell]):.3f} "
+                     f"({sum(r['crashed'] for r in cell)}/{len(cell)})"
+                     + note)
+      lines.append(f'| {init} | {row} | ' + ' | '.join(cells) + ' |')
+  return lines
+
+
+def verdicts(runs, task, inits, rows, lrs, warmup):
+  """The issue's test: at the LR where AdamW + warmup does best, adamw2 is
+  within ``margin`` of it or better; at the highest LR it beats both AdamW
+  runs."""
+  margin, sign = (0.01, -1) if task == 'gpt' else (0.005, 1)
+  mean = lambda init, row, lr: np.mean([
+      r['score'] for r in runs if (r['task'], r['init'], r['setting'],
+                                   r['lr']) == (task, init, row, lr)] or
+                                       [np.nan])
+  out = []
+  for init in inits:
+    warm = [mean(init, f'adamw + {warmup} warmup', lr) for lr in lrs]
+    if np.all(np.isnan(warm)):
+      continue
+    best = lrs[int(np.nanargmax(sign * np.array(warm)))]
+    for row in rows[2:]:
+      diff = sign * (mean(init, row, best) -
+                     mean(init, f'adamw + {warmup} warmup', best))
+      high = max(lrs)
+      beats = all(sign * mean(init, row, high) > sign * mean(init, other, high)
+                  for other in rows[:2])
+      out.append(f'| {init} | {row} | {best:g} | {diff:+.3f} '
+                 f"({'neutral or better' if diff >= -margin else 'worse'}) | "
+                 f"{'yes' if beats else 'no'} |")
+  return ['| init | setting | best adamw+warmup lr | vs adamw+warmup there '
+          f'({"nats, lower" if task == "gpt" else "accuracy, higher"} is '
+          'better) | beats both adamw at the highest lr |',
+          '|---|---|---|---|---|'] + out
+
+
+def plot(runs, tasks, inits, rows, lrs, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(len(tasks), len(inits),
+                           figsize=(4.5 * len(inits), 3.6 * len(tasks)),
+                           squeeze=False)
+  for axrow, task in zip(axes, tasks):
+    for ax, init in zip(axrow, inits):
+      for row in rows:
+        xs, ys, lo, hi = [], [], [], []
+        for lr in lrs:
+          s = [r['score'] for r in runs if (r['task'], r['init'],
+                                            r['setting'], r['lr']) ==
+               (task, init, row, lr)]
+          if s:
+            xs.append(lr)
+            ys.append(np.mean(s))
+            lo.append(min(s))
+            hi.append(max(s))
+        if xs:
+          line, = ax.plot(xs, ys, 'o-', label=row)
+          ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+      ax.set_xscale('log')
+      ax.set_title(f'{task}, init {init}')
+      ax.set_xlabel('peak learning rate')
+      ax.set_ylabel('final train loss' if task == 'gpt' else 'test accuracy')
+  axes[0, 0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__)
+  p.add_argument('--quick', action='store_true')
+  p.add_argument('--tasks', nargs='+', default=['gpt', 'vit'])
+  p.add_argument('--inits', nargs='+', default=list(INITS),
+                 choices=list(INITS))
+  p.add_argument('--lrs', type=float, nargs='+', default=None)
+  p.add_argument('--seeds', type=int, nargs='+', default=None)
+  p.add_argument('--out', default=os.path.join(HERE, 'results', 'small_init'))
+  args = p.parse_args(argv)
+  if args.quick:
+    lrs, seeds, steps, preset, warmup = [3e-2], [0], 30, 'tiny', 10
+  else:
+    lrs, seeds, steps, preset, warmup = [3e-3, 1e-2, 3e-2], [0, 1], 150, (
+        'small'), 50
+  lrs, seeds = args.lrs or lrs, args.seeds or seeds
+  rows = settings(warmup)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  done = {}
+  if os.path.exists(args.out + '.jsonl'):
+    with open(args.out + '.jsonl') as f:
+      for line in f:
+        r = json.loads(line)
+        if r.get('steps') == steps and r.get('preset') == preset:
+          done[key(r)] = r
+  data = {'gpt': gpt.CharData(gpt.pydoc_text()), 'vit': vit.digits()}
+  # Seed by seed, so that a stopped sweep has covered the whole grid once.
+  todo = [(task, init, row, lr, seed) for seed in seeds
+          for task in args.tasks for init in args.inits for row in rows
+          for lr in lrs]
+  runs, t0 = [], time.time()
+  for i, (task, init, (label, name, w, floor), lr, seed) in enumerate(todo):
+    if (task, init, label, lr, seed) in done:
+      runs.append(done[(task, init, label, lr, seed)])
+      continue
+    r = stability.run_one(task, name, w, None, lr, seed, steps, preset,
+                          data[task], init_std=INITS[init],
+                          weight_floor=floor)
+    r.update(init=init, setting=label, steps=steps, preset=preset)
+    runs.append(r)
+    with open(args.out + '.jsonl', 'a') as f:
+      f.write(json.dumps(r) + '\n')
+    print(f'[{i + 1}/{len(todo)} {time.time() - t0:.0f}s]', json.dumps(r),
+          flush=True)
+  labels = [r[0] for r in rows]
+  with open(args.out + '.json', 'w') as f:
+    json.dump({'steps': steps, 'preset': preset, 'seeds': seeds,
+               'warmup': warmup, 'runs': runs}, f, indent=1)
+  lines = [f'# Small inits: {steps} steps, preset {preset}, seeds {seeds}, '
+           'no warmup unless stated', '',
+           'Cells: mean final train loss (GPT, lower is better) or test '
+           'accuracy (ViT, higher is better) over seeds, crashed runs / seeds '
+           '(rule of benchmarks/stability.py), and for adamw2 the mean '
+           'fraction of matrices whose step the bound shrank in the first, '
+           'second and last third of training.', '']
+  for task in args.tasks:
+    lines += [f'## {task}', ''] + table(runs, task, args.inits, labels, lrs)
+    lines += ['', ''] + verdicts(runs, task, args.inits, labels, lrs,
+                                 warmup) + ['']
+  lines.append(f'![small inits]({os.path.basename(args.out)}.png)')
+  with open(args.out + '.md', 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  plot(runs, args.tasks, args.inits, labels, lrs, args.out + '.png')
+  print('\n'.join(lines))
+  return runs
+
+
+if __name__ == '__main__':
+  main()
