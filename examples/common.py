@@ -175,16 +175,20 @@ def make_optimizer(cfg: OptimizerConfig, model: nnx.Module,
 
 def bound_metrics(opt_state) -> dict[str, float]:
   """How often and where the bound was active: the fraction of matrices
-  whose step it shrank, the smallest factor, and each matrix's factor
-  (``factor/<leaf>[layer]``). Plain adamw has no bound: zero and one."""
+  whose step it shrank, the fraction it shrank on most of the last ~100
+  steps (``throttled``: it, not the learning rate, sets their pace), the
+  smallest factor, and each matrix's factor and recent bounded fraction
+  (``factor/<leaf>[layer]``, ``bounded_recent/...``). Plain adamw has no
+  bound: zeros and one."""
   try:
     summary = diagnostics.bound_summary(opt_state)
   except ValueError:  # plain adamw
-    return {'bound_active': 0.0, 'min_factor': 1.0}
+    return {'bound_active': 0.0, 'throttled': 0.0, 'min_factor': 1.0}
   row = {'bound_active': summary['bound_fraction'],
+         'throttled': summary['throttled_fraction'],
          'min_factor': summary['min_factor']}
   row.update({k: v for k, v in diagnostics.scalars(opt_state).items()
-              if k.startswith('factor/')})
+              if k.startswith(('factor/', 'bounded_recent/'))})
   return row
 
 
@@ -332,6 +336,15 @@ def configs_from_args(args, desc: str) -> tuple[OptimizerConfig, RunConfig]:
                   checkpoint_every=args.checkpoint_every if args.out else 0,
                   desc=f'{desc} {args.optimizer}')
   return opt, run
+
+
+def describe_bound(last: dict) -> str:
+  """One line on the bound at the end of a run, from a history row."""
+  return (f"bound: shrank {last['bound_active']:.0%} of the matrices' steps "
+          f"at the last step; {last['throttled']:.0%} of the matrices were "
+          'bounded on most of their last ~100 steps' + (
+              ' (it, not the learning rate, sets their pace: see README, '
+              '"Choosing tau")' if last['throttled'] > 0.5 else ''))
 
 
 def print_bounded(model: nnx.Module):

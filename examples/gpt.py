@@ -164,6 +164,7 @@ def main():
     if args.optimizer == 'adamw2':
       print('bounded leaves:')
       common.print_bounded(model)
+      print(common.describe_bound(history[-1]))
     last = history[-1]
     print(f"step {last['step']}: loss {last['loss']:.3f}, min attention "
           f"entropy {last['entropy_min']:.3f}, {time.time() - t0:.0f}s")

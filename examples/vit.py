@@ -187,6 +187,7 @@ def main():
     if args.optimizer == 'adamw2':
       print('bounded leaves:')
       common.print_bounded(model)
+      print(common.describe_bound(history[-1]))
     last = history[-1]
     print(f"step {last['step']}: loss {last['loss']:.3f}, test accuracy "
           f"{acc:.3f}, min attention entropy {last['entropy_min']:.3f}, "

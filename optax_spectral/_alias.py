@@ -52,7 +52,12 @@ def adamw2(
     weight_decay: decoupled weight decay, a float or a schedule.
     mask: which leaves get weight decay, as in ``optax.adamw``.
     nesterov: use Nesterov momentum (NAdamW).
-    tau: the largest allowed ``σ1(Δ) / σ1(W)`` per step.
+    tau: the largest allowed ``σ1(Δ) / σ1(W)`` per step. The default, 0.02,
+      needs no tuning per model (README, "Choosing tau"): keep it whatever
+      the init and learning rate; lower it (0.01) if attention entropy
+      still collapses; raise it only where the bound keeps shrinking most
+      steps late in training at a learning rate AdamW with warmup handles
+      (``diagnostics.bound_summary``'s ``throttled_fraction``).
     num_iterations: power iterations on the step per update (``None``: 1).
     num_iterations_first: power iterations on the first update (``None``:
       20; see :func:`scale_by_spectral_bound` for its cost on GPUs).
@@ -63,6 +68,10 @@ def adamw2(
       ``optax.inject_hyperparams(adamw2)`` works as it does for
       ``optax.adamw``.
     max_extrapolation: largest relative correction of the step's σ1 estimate.
+    weight_floor: the σ1(W) in the bound is at least this times σ1 of a
+      variance-preserving random matrix of its shape, so that small-init
+      matrices are not throttled (see :func:`scale_by_spectral_bound`);
+      ``0`` is the paper's rule.
     dimension_numbers: which axes of each leaf form a matrix; see
       :func:`scale_by_spectral_bound` and :func:`bounded_leaves`.
     bound_vectors: also bound 1-D leaves by their L2 norm.

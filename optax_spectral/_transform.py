@@ -220,13 +220,24 @@ def scale_by_spectral_bound(
 
   Settings that shape the state or the compiled graph default to ``None``, so
   that ``optax.inject_hyperparams(scale_by_spectral_bound)`` (or of
-  :func:`adamw2`) injects only ``tau`` and ``max_extrapolation`` (and
-  adamw2's numbers), which may then be changed during training. A
-  ``block_size`` given explicitly to an injected optimizer must be listed in
-  its ``static_args``; iteration counts may be injected (they then run in a
-  loop).
+  :func:`adamw2`) injects only ``tau``, ``max_extrapolation`` and
+  ``weight_floor`` (and adamw2's numbers), which may then be changed during
+  training. A ``block_size`` given explicitly to an injected optimizer must
+  be listed in its ``static_args``; iteration counts may be injected (they
+  then run in a loop).
 
-  Guards: a matrix with ``σ1(W) = 0`` (e.g. zero-initialised) is not bounded
+  Small inits: the bound uses ``max(σ1(W), weight_floor · (1 + sqrt(cols /
+  rows)))``, where ``1 + sqrt(cols / rows)`` is σ1 of a variance-preserving
+  random ``rows × cols`` matrix (LeCun normal, entries of std
+  ``1/sqrt(rows)``, ``rows`` being the reduction side). A matrix initialised
+  smaller (GPT-2's std 0.02, or zero) may then grow as fast as a standard-
+  init one may, instead of by ``tau`` of its own small σ1 per step, which
+  throttles learning for hundreds of steps (README, "Small inits"). Above
+  the floor this is the paper's rule; ``weight_floor=0`` is the paper's rule
+  everywhere. Weyl's inequality still bounds each step: σ1 grows by at most
+  ``tau`` times the larger of σ1(W) and the floor.
+
+  Guards: with ``weight_floor=0``, a matrix with ``σ1(W) = 0`` is not bounded
   on that step, as in optax's trust ratio, so it can still move; ``σ1(Δ) = 0``
   gives factor 1; a non-finite step leaves the persistent vectors unchanged.
 
@@ -253,6 +264,9 @@ def scale_by_spectral_bound(
 
     max_extrapolation: largest relative correction of the ``σ1(Δ)`` estimate;
       ``0`` keeps the plain lower bound.
+    weight_floor: the σ1(W) in the bound is at least this times σ1 of a
+      variance-preserving random matrix of the same shape, ``1 + sqrt(cols /
+      rows)``; ``0`` is the paper's rule. Default 1. May be injected.
     dimension_numbers: which axes of each leaf form the matrix:
       ``None`` (default: 2-D leaves are matrices; leaves with more dimensions
       are batches of matrices over their last two axes; 0-D and 1-D leaves
