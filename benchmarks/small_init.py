@@ -84,11 +84,14 @@ def verdicts(runs, task, inits, rows, lrs, warmup):
       diff = sign * (mean(init, row, best) -
                      mean(init, f'adamw + {warmup} warmup', best))
       high = max(lrs)
-      beats = all(sign * mean(init, row, high) > sign * mean(init, other, high)
-                  for other in rows[:2])
-      out.append(f'| {init} | {row} | {best:g} | {diff:+.3f} '
-                 f"({'neutral or better' if diff >= -margin else 'worse'}) | "
-                 f"{'yes' if beats else 'no'} |")
+      others = [mean(init, other, high) for other in rows[:2]]
+      mine = mean(init, row, high)
+      beats = ('n/a' if np.isnan([mine] + others).any() else
+               'yes' if all(sign * mine > sign * o for o in others) else 'no')
+      verdict = ('n/a' if np.isnan(diff) else 'neutral or better'
+                 if diff >= -margin else 'worse')
+      out.append(f'| {init} | {row} | {best:g} | {diff:+.3f} ({verdict}) | '
+                 f'{beats} |')
   return ['| init | setting | best adamw+warmup lr | vs adamw+warmup there '
           f'({"nats, lower" if task == "gpt" else "accuracy, higher"} is '
           'better) | beats both adamw at the highest lr |',
@@ -119,6 +122,8 @@ def plot(runs, tasks, inits, rows, lrs, path):
           line, = ax.plot(xs, ys, 'o-', label=row)
           ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
       ax.set_xscale('log')
+      ax.minorticks_off()
+      ax.set_xticks(lrs, [f'{lr:g}' for lr in lrs])
       ax.set_title(f'{task}, init {init}')
       ax.set_xlabel('peak learning rate')
       ax.set_ylabel('final train loss' if task == 'gpt' else 'test accuracy')
@@ -137,6 +142,8 @@ def main(argv=None):
   p.add_argument('--lrs', type=float, nargs='+', default=None)
   p.add_argument('--seeds', type=int, nargs='+', default=None)
   p.add_argument('--out', default=os.path.join(HERE, 'results', 'small_init'))
+  p.add_argument('--report-only', action='store_true',
+                 help='tabulate the runs already in <out>.jsonl, run none')
   args = p.parse_args(argv)
   if args.quick:
     lrs, seeds, steps, preset, warmup = [3e-2], [0], 30, 'tiny', 10
@@ -163,6 +170,8 @@ def main(argv=None):
     if (task, init, label, lr, seed) in done:
       runs.append(done[(task, init, label, lr, seed)])
       continue
+    if args.report_only:
+      continue
     r = stability.run_one(task, name, w, None, lr, seed, steps, preset,
                           data[task], init_std=INITS[init],
                           weight_floor=floor)
@@ -176,8 +185,11 @@ def main(argv=None):
   with open(args.out + '.json', 'w') as f:
     json.dump({'steps': steps, 'preset': preset, 'seeds': seeds,
                'warmup': warmup, 'runs': runs}, f, indent=1)
-  lines = [f'# Small inits: {steps} steps, preset {preset}, seeds {seeds}, '
+  ran = sorted({r['seed'] for r in runs})
+  lines = [f'# Small inits: {steps} steps, preset {preset}, seeds {ran}, '
            'no warmup unless stated', '',
+           f'{len(runs)} of the {len(todo)} runs of this grid (a cell '
+           'without runs shows –).', '',
            'Cells: mean final train loss (GPT, lower is better) or test '
            'accuracy (ViT, higher is better) over seeds, crashed runs / seeds '
            '(rule of benchmarks/stability.py), and for adamw2 the mean '

@@ -35,3 +35,24 @@ def test_stability_quick_mode_writes_results(tmp_path):
   assert all(0 <= r['score'] <= 1 for r in runs)
   for ext in ('md', 'json', 'png'):
     assert os.path.getsize(f'{out}.{ext}') > 100
+
+
+def test_small_init_quick_mode_writes_results_and_resumes(tmp_path):
+  import small_init  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / 'small_init')
+  argv = ['--quick', '--tasks', 'gpt', '--inits', 'std 0.01', '--out', out]
+  runs = small_init.main(argv)
+  assert [r['setting'] for r in runs] == [
+      'adamw', 'adamw + 10 warmup', 'adamw2 paper rule (weight_floor=0)',
+      'adamw2 (default)']
+  # The paper's rule shrinks a std-0.01 model's steps at least as often as
+  # the floored rule, and plain AdamW never.
+  thirds = {r['setting']: r['bound_active_thirds'] for r in runs}
+  assert thirds['adamw'] == [0.0, 0.0, 0.0]
+  assert sum(thirds['adamw2 paper rule (weight_floor=0)']) >= sum(
+      thirds['adamw2 (default)']) > 0
+  for ext in ('md', 'json', 'png', 'jsonl'):
+    assert os.path.getsize(f'{out}.{ext}') > 100
+  # A second call finds every run in the .jsonl and trains nothing.
+  again = small_init.main(argv + ['--report-only'])
+  assert [r['score'] for r in again] == [r['score'] for r in runs]

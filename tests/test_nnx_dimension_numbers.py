@@ -54,11 +54,12 @@ def test_module_types():
 
 
 def test_stacked_layers_are_bounded_per_layer():
-  @nnx.vmap(in_axes=0, out_axes=0)
+  @nnx.split_rngs(splits=3)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
   def make(rngs):
     return nnx.MultiHeadAttention(num_heads=2, in_features=8, decode=False,
                                   rngs=rngs)
-  model = make(nnx.Rngs(0).split(3))
+  model = make(nnx.Rngs(0))
   how = _described(model)
   assert how['query/kernel'] == (
       'bounded: batch (3,) (axes (0,)) of 8x8 matrices'), how['query/kernel']
