@@ -72,3 +72,30 @@ def test_readme_gives_two_commands_and_ci_runs_the_test_one():
   with open(os.path.join(ROOT, '.ci', 'run')) as f:
     ci = f.read()
   assert re.search(r'^' + re.escape(test) + r'$', ci, re.M), ci
+
+
+def test_dependency_floors_are_the_versions_ci_tests():
+  """Each ``>=`` floor in pyproject.toml is pinned in .ci/floors.txt, which
+  .ci/run installs as constraints for a second test run."""
+  import tomllib  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    project = tomllib.load(f)['project']
+  floors = {}
+  for req in project['dependencies'] + [
+      r for name, reqs in project['optional-dependencies'].items()
+      if name in ('examples', 'test') for r in reqs]:
+    m = re.fullmatch(r'([A-Za-z0-9_.-]+)>=([0-9.]+)', req)
+    if m:
+      floors[m[1].lower()] = m[2]
+  with open(os.path.join(ROOT, '.ci', 'floors.txt')) as f:
+    pins = dict(line.strip().lower().split('==') for line in f
+                if '==' in line and not line.startswith('#'))
+  assert {'jax', 'optax', 'flax', 'numpy'} <= set(floors)
+  for name, version in floors.items():
+    assert name in pins, f'{name} has a floor but .ci/floors.txt pins nothing'
+    # 8.0 and 8.0.0 are the same version.
+    norm = lambda v: tuple(int(x) for x in v.split('.')) + (0,) * (
+        3 - len(v.split('.')))
+    assert norm(pins[name]) == norm(version), (name, pins[name], version)
+  with open(os.path.join(ROOT, '.ci', 'run')) as f:
+    assert '-c .ci/floors.txt' in f.read()
