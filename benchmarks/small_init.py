@@ -42,6 +42,11 @@ def key(r):
   return (r['task'], r['init'], r['setting'], r['lr'], r['seed'])
 
 
+def cell(runs, task, init, row, lr):
+  """The runs (one per seed) of one grid cell."""
+  return [r for r in runs if key(r)[:4] == (task, init, row, lr)]
+
+
 def table(runs, task, inits, rows, lrs):
   """Markdown: one row per (init, setting), mean score over seeds."""
   lines = ['| init | setting | ' + ' | '.join(f'lr {lr:g}' for lr in lrs)
@@ -50,16 +55,15 @@ def table(runs, task, inits, rows, lrs):
     for row in rows:
       cells = []
       for lr in lrs:
-        cell = [r for r in runs if (r['task'], r['init'], r['setting'],
-                                    r['lr']) == (task, init, row, lr)]
-        if not cell:
+        here = cell(runs, task, init, row, lr)
+        if not here:
           cells.append('–')
           continue
-        active = np.mean([r['bound_active_thirds'] for r in cell], axis=0)
+        active = np.mean([r['bound_active_thirds'] for r in here], axis=0)
         note = ('' if row.startswith('adamw ') or row == 'adamw' else
                 ' [' + '/'.join(f'{a:.0%}' for a in active) + ']')
-        cells.append(f"{np.mean([r['score'] for r in cell]):.3f} "
-                     f"({sum(r['crashed'] for r in cell)}/{len(cell)})"
+        cells.append(f"{np.mean([r['score'] for r in here]):.3f} "
+                     f"({sum(r['crashed'] for r in here)}/{len(here)})"
                      + note)
       lines.append(f'| {init} | {row} | ' + ' | '.join(cells) + ' |')
   return lines
@@ -70,10 +74,8 @@ def verdicts(runs, task, inits, rows, lrs, warmup):
   within ``margin`` of it or better; at the highest LR it beats both AdamW
   runs."""
   margin, sign = (0.01, -1) if task == 'gpt' else (0.005, 1)
-  mean = lambda init, row, lr: np.mean([
-      r['score'] for r in runs if (r['task'], r['init'], r['setting'],
-                                   r['lr']) == (task, init, row, lr)] or
-                                       [np.nan])
+  mean = lambda init, row, lr: np.mean(
+      [r['score'] for r in cell(runs, task, init, row, lr)] or [np.nan])
   out = []
   for init in inits:
     warm = [mean(init, f'adamw + {warmup} warmup', lr) for lr in lrs]
@@ -110,9 +112,7 @@ def plot(runs, tasks, inits, rows, lrs, path):
       for row in rows:
         xs, ys, lo, hi = [], [], [], []
         for lr in lrs:
-          s = [r['score'] for r in runs if (r['task'], r['init'],
-                                            r['setting'], r['lr']) ==
-               (task, init, row, lr)]
+          s = [r['score'] for r in cell(runs, task, init, row, lr)]
           if s:
             xs.append(lr)
             ys.append(np.mean(s))
