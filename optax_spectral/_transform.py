@@ -1,5 +1,6 @@
 """``scale_by_spectral_bound``: the per-matrix step bound of AdamW²."""
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -110,6 +111,21 @@ def _orthonormal_rows(key: jax.Array, shape: tuple[int, ...],
   q = jnp.linalg.qr(jax.random.normal(key, shape[:-2] + shape[:-3:-1],
                                       jnp.float32))[0]
   return jnp.swapaxes(q, -1, -2).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _initial_blocks(seed, shapes: tuple[tuple[int, int, int], ...],
+                    dtypes: tuple) -> list[tuple[jax.Array, jax.Array]]:
+  """Random orthonormal starting rows, ``(weight, update)`` per group of
+  ``(batch, k, long)``. One compiled function for all groups: ``init``
+  often runs eagerly, where each operation of each shape would compile."""
+  key = jax.random.key(seed)
+  out = []
+  for i, ((b, k, long), dtype) in enumerate(zip(shapes, dtypes)):
+    kw, kd = jax.random.split(jax.random.fold_in(key, i))
+    out.append((_orthonormal_rows(kw, (b, 1, long), dtype),
+                _orthonormal_rows(kd, (b, k, long), dtype)))
+  return out
 
 
 def _concrete(value):
@@ -330,15 +346,12 @@ def scale_by_spectral_bound(
     stats = {name: jnp.broadcast_to(jnp.asarray([0, 0, 1, 0], jnp.float32),
                                     view.batch_shape + (len(STATS),))
              for name, view in views.items()}
-    key = jax.random.key(seed)
-    groups = {}
-    for i, g in enumerate(_plan(views)):
-      k = min(block_size, g.rows, g.cols)
-      b = sum(g.sizes)
-      kw, kd = jax.random.split(jax.random.fold_in(key, i))
-      groups[g.key] = SpectralGroupState(
-          weight=_orthonormal_rows(kw, (b, 1, g.long), g.dtype),
-          update=_orthonormal_rows(kd, (b, k, g.long), g.dtype))
+    plan = _plan(views)
+    blocks = _initial_blocks(
+        seed, tuple((sum(g.sizes), min(block_size, g.rows, g.cols), g.long)
+                    for g in plan), tuple(g.dtype for g in plan))
+    groups = {g.key: SpectralGroupState(weight=w, update=u)
+              for g, (w, u) in zip(plan, blocks)}
     return ScaleBySpectralBoundState(count=jnp.zeros([], jnp.int32),
                                      stats=stats, groups=groups)
 
