@@ -28,18 +28,8 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import gpt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import vit  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-COLLAPSE_NATS = 0.1
-SPIKE_NATS = 0.5
-
-
-def crashed(history) -> bool:
-  loss = np.array([r['loss'] for r in history])
-  if not np.all(np.isfinite(loss)):
-    return True
-  smooth = np.convolve(loss, np.ones(10) / 10, mode='valid')
-  late = history[len(history) // 2:]
-  return bool(min(r['entropy_min'] for r in late) < COLLAPSE_NATS or
-              smooth[-1] > smooth.min() + SPIKE_NATS)
+COLLAPSE_NATS, SPIKE_NATS, crashed = (common.COLLAPSE_NATS,
+                                      common.SPIKE_NATS, common.crashed)
 
 
 def settings(taus, warmup):

@@ -4,10 +4,14 @@ the training loop (progress bar, CSV and TensorBoard logs, orbax checkpoints).
 Kept small on purpose: copy it with an example into your own project.
 """
 
+import collections
 import csv
 import dataclasses
+import functools
+import itertools
 import math
 import os
+import time
 from typing import Callable
 
 import jax
@@ -41,12 +45,22 @@ def kernel_init(init_std: float | None):
 
 # --- model --------------------------------------------------------------------
 
-def attention(q, k, v, causal: bool):
-  """Softmax attention that also returns each head's mean entropy (nats).
+# The crash signal is measured on this many examples of a logging step's batch.
+PROBE_BATCH = 8
 
-  ``q, k, v``: ``(batch, time, heads, head_dim)``. The paper's crash signal is
-  the entropy collapsing towards 0: each query attends to a single key.
+
+def attention(q, k, v, causal: bool, probe: bool = False):
+  """Softmax attention; with ``probe``, also each head's mean entropy (nats).
+
+  ``q, k, v``: ``(batch, time, heads, head_dim)``. Training steps use the
+  fused kernel (``jax.nn.dot_product_attention``: cuDNN's flash attention
+  where the backend has it, XLA's otherwise) and return ``None`` for the
+  entropy. The probe materialises the probabilities in float32 to read the
+  paper's crash signal: the entropy collapsing towards 0, each query
+  attending to a single key.
   """
+  if not probe:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal), None
   t = q.shape[1]
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
   logits /= math.sqrt(q.shape[-1])
@@ -58,25 +72,30 @@ def attention(q, k, v, causal: bool):
 
 
 class Block(nnx.Module):
-  """Pre-LN transformer block: self-attention and a GELU MLP."""
+  """Pre-LN transformer block: self-attention and a GELU MLP.
+
+  ``dtype`` is the compute dtype (``'bfloat16'`` for mixed precision);
+  params stay float32, and so does the optimizer state.
+  """
 
   def __init__(self, d: int, n_head: int, causal: bool, rngs: nnx.Rngs,
-               init_std: float | None = None):
+               init_std: float | None = None, dtype: str = 'float32'):
     self.n_head, self.causal = n_head, causal
     kernel = sharded(kernel_init(init_std), (AXIS, None))
-    linear = lambda i, o: nnx.Linear(i, o, kernel_init=kernel, rngs=rngs)
-    self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+    linear = lambda i, o: nnx.Linear(i, o, kernel_init=kernel, dtype=dtype,
+                                     rngs=rngs)
+    self.ln1 = nnx.LayerNorm(d, dtype=dtype, rngs=rngs)
     self.qkv = linear(d, 3 * d)
     self.proj = linear(d, d)
-    self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(d, dtype=dtype, rngs=rngs)
     self.fc = linear(d, 4 * d)
     self.fc_out = linear(4 * d, d)
 
-  def __call__(self, x):
+  def __call__(self, x, probe: bool = False):
     b, t, d = x.shape
     q, k, v = jnp.split(self.qkv(self.ln1(x)), 3, axis=-1)
     heads = lambda z: z.reshape(b, t, self.n_head, d // self.n_head)
-    y, entropy = attention(heads(q), heads(k), heads(v), self.causal)
+    y, entropy = attention(heads(q), heads(k), heads(v), self.causal, probe)
     x = x + self.proj(y.reshape(b, t, d))
     x = x + self.fc_out(nnx.gelu(self.fc(self.ln2(x))))
     return x, entropy
@@ -90,32 +109,42 @@ class Blocks(nnx.Module):
   """
 
   def __init__(self, n: int, d: int, n_head: int, causal: bool, scan: bool,
-               rngs: nnx.Rngs, init_std: float | None = None):
+               rngs: nnx.Rngs, init_std: float | None = None,
+               dtype: str = 'float32'):
     self.scan = scan
     if scan:
       @nnx.split_rngs(splits=n)
       @nnx.vmap(in_axes=(0,), out_axes=0,
                 transform_metadata={nnx.PARTITION_NAME: None})
       def make(rngs):
-        return Block(d, n_head, causal, rngs, init_std)
+        return Block(d, n_head, causal, rngs, init_std, dtype)
       self.layers = make(rngs)
     else:
-      self.layers = nnx.List([Block(d, n_head, causal, rngs, init_std)
+      self.layers = nnx.List([Block(d, n_head, causal, rngs, init_std, dtype)
                               for _ in range(n)])
 
-  def __call__(self, x):
-    """Returns the output and the attention entropy, ``(layers, heads)``."""
+  def __call__(self, x, probe: bool = False):
+    """The output, and with ``probe`` the attention entropy ``(layers,
+    heads)`` (else ``None``)."""
     if self.scan:
       @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
                 transform_metadata={nnx.PARTITION_NAME: None})
       def run(x, block):
-        return block(x)
+        return block(x, probe)
       return run(x, self.layers)
     entropies = []
     for block in self.layers:
-      x, entropy = block(x)
+      x, entropy = block(x, probe)
       entropies.append(entropy)
-    return x, jnp.stack(entropies)
+    return x, jnp.stack(entropies) if probe else None
+
+
+def matmul_flops_per_token(n_layer: int, d: int, context: int) -> float:
+  """Model FLOPs of the blocks per token, forward and backward: 6 per
+  weight of a matrix product, plus attention's scores and mixing,
+  ``12 * layers * context * d`` (PaLM's estimate, appendix B; causal
+  masking not discounted)."""
+  return 6.0 * n_layer * 12 * d * d + 12.0 * n_layer * context * d
 
 
 # --- optimizers ---------------------------------------------------------------
@@ -223,19 +252,109 @@ class RunConfig:
   out_dir: str | None = None   # CSV, TensorBoard and checkpoints go here
   checkpoint_every: int = 0    # 0: no checkpoints
   resume: bool = False         # continue from the latest checkpoint
-  log_every: int = 1
+  log_every: int = 1           # metrics and the entropy probe every n steps
   desc: str = 'train'
   stop_at: int | None = None   # stop early (a simulated preemption)
+  peak_flops: float | None = None  # per device; None: from PEAK_FLOPS
+
+
+@dataclasses.dataclass
+class Workload:
+  """What one step processes, for throughput and MFU."""
+  tokens_per_step: int   # sequences x positions per sequence
+  flops_per_token: float  # model FLOPs, forward and backward
+
+
+# Dense bfloat16 peak FLOP/s per chip, by ``device_kind`` (vendor data
+# sheets). MFU is reported against these whatever the compute dtype; devices
+# not listed (CPUs) get no MFU unless ``--peak-tflops`` is given.
+PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'GH200': 989e12,
+              'B200': 2250e12, 'A100': 312e12, 'L4': 121e12,
+              'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12,
+              'TPU v5p': 459e12, 'TPU v5': 459e12, 'TPU v6 lite': 918e12,
+              'TPU v6e': 918e12}
+
+
+def peak_flops(device=None) -> float | None:
+  """The table's peak for ``device`` (default: the first device), or None."""
+  kind = (device or jax.devices()[0]).device_kind
+  for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if name.lower() in kind.lower():
+      return PEAK_FLOPS[name]
+  return None
+
+
+class Loader:
+  """Yields ``(step, batch)`` for ``steps``, with the next ``ahead`` batches
+  already placed on the mesh (transfers run while the device computes).
+
+  ``batch_fn(step)`` returns this process's host arrays for that step;
+  ``sharding`` splits their leading axis over the devices (None: the
+  default device).
+  """
+
+  def __init__(self, batch_fn: Callable[[int], tuple], steps, sharding=None,
+               ahead: int = 2):
+    if ahead < 1:
+      raise ValueError(f'ahead must be at least 1, got {ahead}')
+    self.batch_fn, self.steps = batch_fn, steps
+    self.sharding, self.ahead = sharding, ahead
+
+  def _place(self, step):
+    batch = self.batch_fn(step)
+    if self.sharding is None:
+      return step, [jax.device_put(b) for b in batch]
+    return step, [jax.make_array_from_process_local_data(self.sharding, b)
+                  for b in batch]
+
+  def __iter__(self):
+    steps, queue = iter(self.steps), collections.deque()
+    for step in itertools.islice(steps, self.ahead):
+      queue.append(self._place(step))
+    while queue:
+      ready = queue.popleft()
+      step = next(steps, None)
+      if step is not None:
+        queue.append(self._place(step))
+      yield ready
+
+
+def pinned(train_step: Callable, model: nnx.Module,
+           optimizer: nnx.Optimizer) -> Callable:
+  """``train_step`` compiled once: the model and optimizer state keep the
+  shardings they have now (without this, XLA picks new ones for the outputs
+  of the first step, e.g. shards a replicated bias, and the second step
+  compiles again), and their old buffers are donated to the new ones."""
+  graphdef, state = nnx.split((model, optimizer))
+  shardings = jax.tree.map(lambda a: a.sharding, state)
+
+  @functools.partial(jax.jit, donate_argnums=0,
+                     out_shardings=(shardings, None))
+  def step(state, *batch):
+    model, optimizer = nnx.merge(graphdef, state)
+    out = train_step(model, optimizer, *batch)
+    return nnx.state((model, optimizer)), out
+
+  def run(model, optimizer, *batch):
+    state, out = step(nnx.state((model, optimizer)), *batch)
+    nnx.update((model, optimizer), state)
+    return out
+  return run
 
 
 def fit(model: nnx.Module, opt: OptimizerConfig, train_step: Callable,
-        batch_fn: Callable[[int], tuple], run: RunConfig,
-        mesh=None) -> list[dict]:
+        probe: Callable, batch_fn: Callable[[int], tuple], run: RunConfig,
+        mesh=None, workload: Workload | None = None) -> list[dict]:
   """Trains ``model``; returns one row of metrics per logged step.
 
-  ``train_step(model, optimizer, *batch)`` returns ``(loss, entropy, extra)``
-  with ``extra`` a dict of scalars; ``batch_fn(step)`` returns host arrays for
-  that step, so a resumed run sees the same batches as an uninterrupted one.
+  ``train_step(model, optimizer, *batch)`` returns ``(loss, extra)`` with
+  ``extra`` a dict of scalars. ``probe(model, *batch)`` returns the attention
+  entropy ``(layers, heads)``; it runs before the step on logging steps only.
+  ``batch_fn(step)`` returns host arrays for that step, so a resumed run sees
+  the same batches as an uninterrupted one. With ``workload``, rows after the
+  first also carry ``step_s``, ``tokens_per_s`` and ``mfu`` (the fraction of
+  the devices' peak FLOP/s; NaN when the peak is unknown), measured between
+  logging steps.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -262,30 +381,43 @@ def fit(model: nnx.Module, opt: OptimizerConfig, train_step: Callable,
     tb = SummaryWriter(os.path.join(run.out_dir, 'tb'))
     csv_file = open(os.path.join(run.out_dir, 'metrics.csv'),
                     'a' if start else 'w', newline='')
+  step_fn = pinned(train_step, model, optimizer)
+  peak = run.peak_flops or peak_flops()
+  if peak is not None:
+    peak *= jax.device_count()
   batch_sharding = NamedSharding(mesh, P(AXIS)) if mesh is not None else None
-  history, collapsed = [], False
+  history, collapsed, last_log = [], False, None
   end = steps if run.stop_at is None else min(steps, run.stop_at)
-  bar = tqdm(range(start, end), initial=start, total=steps, desc=run.desc,
-             disable=not main, leave=False, mininterval=1)
-  for step in bar:
-    batch = batch_fn(step)
-    if batch_sharding is not None:
-      batch = [jax.make_array_from_process_local_data(batch_sharding, b)
-               for b in batch]
-    loss, entropy, extra = train_step(model, optimizer, *batch)
+  bar = tqdm(initial=start, total=steps, desc=run.desc, disable=not main,
+             leave=False, mininterval=1)
+  for step, batch in Loader(batch_fn, range(start, end), batch_sharding):
+    bar.update(1)
+    logging = step % run.log_every == 0 or step == end - 1
+    if logging:
+      entropy = probe(model, *batch)
+    loss, extra = step_fn(model, optimizer, *batch)
     if manager is not None:
       manager.save(step + 1, args=ocp.args.StandardSave(
           {'model': nnx.state(model), 'optimizer': nnx.state(optimizer)}))
-    if step % run.log_every and step != end - 1:
+    if not logging:
       continue
+    row = {'step': step, 'loss': float(loss), 'lr': float(lr(step))}
+    now = time.perf_counter()  # the loss is on the host: the step is done
+    if workload is not None:
+      step_s = (now - last_log[0]) / (step - last_log[1]) if last_log else (
+          float('nan'))
+      rate = workload.tokens_per_step / step_s
+      row.update(step_s=step_s, tokens_per_s=rate,
+                 mfu=rate * workload.flops_per_token / peak if peak else
+                 float('nan'))
+    last_log = now, step
     entropy = np.asarray(entropy)
     if main and not collapsed:  # warn once per run
       collapsed = diagnostics.warn_if_attention_collapsed(entropy, step)
-    row = {'step': step, 'loss': float(loss), 'lr': float(lr(step)),
-           'entropy_min': float(entropy.min()),
-           'entropy_mean': float(entropy.mean()),
-           **{k: float(v) for k, v in extra.items()},
-           **bound_metrics(optimizer.opt_state)}
+    row.update({'entropy_min': float(entropy.min()),
+                'entropy_mean': float(entropy.mean()),
+                **{k: float(v) for k, v in extra.items()},
+                **bound_metrics(optimizer.opt_state)})
     history.append(row)
     bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
     if csv_file is not None:
@@ -295,14 +427,54 @@ def fit(model: nnx.Module, opt: OptimizerConfig, train_step: Callable,
           writer.writeheader()
       writer.writerow(row)
       for k, v in row.items():
-        if k != 'step':
+        if k != 'step' and np.isfinite(v):
           tb.add_scalar(k, v, step)
+  bar.close()
   if manager is not None:
     manager.wait_until_finished()
   if csv_file is not None:
     csv_file.close()
     tb.close()
   return history
+
+
+# The crash rule of the README's "Stability" section. A run crashed when some
+# head's attention entropy (nats, averaged over queries) fell below
+# COLLAPSE_NATS in the second half of training (attention collapsed onto
+# single tokens), or its loss became non-finite, or its final 10-step mean
+# loss ended SPIKE_NATS above its best one (a spike it did not recover from).
+COLLAPSE_NATS = 0.1
+SPIKE_NATS = 0.5
+
+
+def crashed(history: list[dict]) -> bool:
+  """The crash rule above, on the rows :func:`fit` returns."""
+  loss = np.array([r['loss'] for r in history])
+  if not np.all(np.isfinite(loss)):
+    return True
+  window = min(10, len(loss))
+  smooth = np.convolve(loss, np.ones(window) / window, mode='valid')
+  late = history[len(history) // 2:]
+  return bool(min(r['entropy_min'] for r in late) < COLLAPSE_NATS or
+              smooth[-1] > smooth.min() + SPIKE_NATS)
+
+
+def throughput(history: list[dict]) -> dict[str, float]:
+  """Median step time, tokens/s and MFU over a run's logged intervals (the
+  first logged step, which compiles, has none)."""
+  timed = [r for r in history if np.isfinite(r.get('step_s', np.nan))]
+  if not timed:
+    return {'step_s': float('nan'), 'tokens_per_s': float('nan'),
+            'mfu': float('nan')}
+  return {k: float(np.median([r[k] for r in timed]))
+          for k in ('step_s', 'tokens_per_s', 'mfu')}
+
+
+def describe_throughput(history: list[dict]) -> str:
+  t = throughput(history)
+  mfu = '' if not np.isfinite(t['mfu']) else f", MFU {t['mfu']:.1%}"
+  return (f"throughput: {t['tokens_per_s']:,.0f} tokens/s, "
+          f"{t['step_s'] * 1e3:.1f} ms/step (median){mfu}")
 
 
 def add_training_args(parser, batch_size: int, presets):
@@ -321,6 +493,15 @@ def add_training_args(parser, batch_size: int, presets):
                       'variance-preserving, LeCun normal; GPT-2 uses 0.02)')
   parser.add_argument('--scan', action='store_true',
                       help='stack the layers and run them with nnx.scan')
+  parser.add_argument('--dtype', default='float32',
+                      choices=['float32', 'bfloat16'],
+                      help='compute dtype; params and optimizer state stay '
+                      'float32')
+  parser.add_argument('--log-every', type=int, default=1,
+                      help='log metrics and probe attention every n steps')
+  parser.add_argument('--peak-tflops', type=float, default=None,
+                      help='peak TFLOP/s per device for MFU (default: known '
+                      'GPUs and TPUs, none on CPU)')
   parser.add_argument('--out', default=None,
                       help='write CSV, TensorBoard and checkpoints here')
   parser.add_argument('--checkpoint-every', type=int, default=100)
@@ -332,9 +513,12 @@ def configs_from_args(args, desc: str) -> tuple[OptimizerConfig, RunConfig]:
   opt = OptimizerConfig(name=args.optimizer, lr=args.lr,
                         warmup_steps=args.warmup_steps, tau=args.tau,
                         steps=args.steps)
+  if args.log_every < 1:
+    raise ValueError(f'--log-every must be at least 1, got {args.log_every}')
   run = RunConfig(out_dir=args.out, resume=args.resume,
                   checkpoint_every=args.checkpoint_every if args.out else 0,
-                  desc=f'{desc} {args.optimizer}')
+                  desc=f'{desc} {args.optimizer}', log_every=args.log_every,
+                  peak_flops=args.peak_tflops and args.peak_tflops * 1e12)
   return opt, run
 
 

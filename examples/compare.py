@@ -20,18 +20,6 @@ import common
 import gpt
 import vit
 
-# A run "crashed" when some head's attention entropy collapses below this
-# (nats, averaged over queries) in the second half of training, or the loss
-# stops being finite.
-COLLAPSE_NATS = 0.1
-
-
-def crashed(history) -> bool:
-  late = history[len(history) // 2:]
-  return (min(r['entropy_min'] for r in late) < COLLAPSE_NATS or
-          not all(np.isfinite(r['loss']) for r in history))
-
-
 def plot(tasks, path):
   """One row per task: loss, smallest attention entropy, bound activity."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -49,7 +37,7 @@ def plot(tasks, path):
       axes[2].plot(steps, [r['bound_active'] for r in history], label=label)
     axes[0].set(title=f'{task}: training loss (10-step mean)', xlabel='step',
                 ylabel='cross-entropy (nats)')
-    axes[1].axhline(COLLAPSE_NATS, color='gray', ls=':', lw=1)
+    axes[1].axhline(common.COLLAPSE_NATS, color='gray', ls=':', lw=1)
     axes[1].set(title=f'{task}: smallest attention entropy over heads and '
                 'layers\n(near 0 = attention collapsed onto one token)',
                 xlabel='step', ylabel='nats', ylim=(0, None))
@@ -104,11 +92,12 @@ def main():
       tasks[task][label] = history
       late = history[len(history) // 2:]
       table.append((task, label, score, min(r['entropy_min'] for r in late),
-                    crashed(history), time.time() - t0))
+                    common.crashed(history), time.time() - t0))
   if not main_process:
     return
   print(f'\nlr {args.lr:g}, {args.steps} steps. Crashed = attention entropy '
-        f'< {COLLAPSE_NATS} nats in the second half, or a non-finite loss.')
+        f'< {common.COLLAPSE_NATS} nats in the second half, a non-finite '
+        f'loss, or a final loss {common.SPIKE_NATS} nats above its best.')
   print(f"{'task':<5}{'run':<26}{'result':>17}{'min entropy':>13}"
         f"{'crashed':>9}{'time':>7}")
   for task, label, score, entropy, bad, seconds in table:

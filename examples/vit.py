@@ -35,6 +35,7 @@ class ViTConfig:
   n_embd: int = 64
   scan: bool = False
   init_std: float | None = None  # None: variance-preserving (LeCun)
+  dtype: str = 'float32'  # compute dtype; params stay float32
 
 
 PRESETS = {
@@ -102,6 +103,7 @@ class ViT(nnx.Module):
     # divide by the number of devices.
     init = common.kernel_init(cfg.init_std)
     self.embed = nnx.Linear(cfg.patch**2 * cfg.channels, d, rngs=rngs,
+                            dtype=cfg.dtype,
                             kernel_init=common.sharded(init,
                                                        (None, common.AXIS)))
     self.cls = nnx.Param(jnp.zeros((1, 1, d)))
@@ -109,33 +111,47 @@ class ViT(nnx.Module):
                                                                   d)))
     self.blocks = common.Blocks(cfg.n_layer, d, cfg.n_head, causal=False,
                                 scan=cfg.scan, rngs=rngs,
-                                init_std=cfg.init_std)
-    self.ln = nnx.LayerNorm(d, rngs=rngs)
-    self.head = nnx.Linear(d, cfg.classes, rngs=rngs,
+                                init_std=cfg.init_std, dtype=cfg.dtype)
+    self.ln = nnx.LayerNorm(d, dtype=cfg.dtype, rngs=rngs)
+    self.head = nnx.Linear(d, cfg.classes, rngs=rngs, dtype=cfg.dtype,
                            kernel_init=common.sharded(init,
                                                       (common.AXIS, None)))
 
-  def __call__(self, images):
+  def __call__(self, images, probe: bool = False):
+    """Float32 logits, and with ``probe`` the attention entropy."""
     b, h, w, c = images.shape
     p = self.patch
     x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     x = self.embed(x.reshape(b, (h // p) * (w // p), p * p * c))
     x = jnp.concatenate([jnp.broadcast_to(self.cls[...], (b, 1, x.shape[-1])),
                          x], axis=1) + self.pos[...]
-    x, entropy = self.blocks(x)
-    return self.head(self.ln(x[:, 0])), entropy
+    x, entropy = self.blocks(x.astype(self.embed.dtype or x.dtype), probe)
+    return self.head(self.ln(x[:, 0])).astype(jnp.float32), entropy
+
+
+def flops_per_token(cfg: ViTConfig) -> float:
+  """Model FLOPs per token (patch or class token), forward and backward:
+  the patch embedding and the blocks (the head sees one token)."""
+  tokens = (cfg.image_size // cfg.patch) ** 2 + 1
+  return (common.matmul_flops_per_token(cfg.n_layer, cfg.n_embd, tokens) +
+          6.0 * cfg.patch**2 * cfg.channels * cfg.n_embd)
 
 
 @nnx.jit
 def train_step(model, optimizer, x, y):
   def loss_fn(model):
-    logits, entropy = model(x)
+    logits, _ = model(x)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, (entropy, jnp.mean(jnp.argmax(logits, -1) == y))
-  (loss, (entropy, acc)), grads = nnx.value_and_grad(
-      loss_fn, has_aux=True)(model)
+    return loss, jnp.mean(jnp.argmax(logits, -1) == y)
+  (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   optimizer.update(model, grads)
-  return loss, entropy, {'train_acc': acc}
+  return loss, {'train_acc': acc}
+
+
+@nnx.jit
+def probe(model, x, y):
+  del y
+  return model(x[:common.PROBE_BATCH], probe=True)[1]
 
 
 @nnx.jit
@@ -164,7 +180,11 @@ def train(opt: common.OptimizerConfig, cfg: ViTConfig, data: ImageData,
     model = ViT(cfg, nnx.Rngs(seed))
     batch = lambda step: data.batch(np.random.default_rng([seed, step]),
                                     batch_size)
-    history = common.fit(model, opt, train_step, batch, run, mesh)
+    workload = common.Workload(
+        batch_size * ((cfg.image_size // cfg.patch) ** 2 + 1),
+        flops_per_token(cfg))
+    history = common.fit(model, opt, train_step, probe, batch, run, mesh,
+                         workload)
     acc = accuracy(model, data.x_test, data.y_test)
   return model, history, acc
 
@@ -179,7 +199,7 @@ def main():
   data = cifar10(args.data_dir) if args.data_dir else digits()
   cfg = dataclasses.replace(PRESETS[args.preset], scan=args.scan,
                             patch=4 if args.data_dir else 2,
-                            init_std=args.init_std)
+                            init_std=args.init_std, dtype=args.dtype)
   opt, run = common.configs_from_args(args, 'vit')
   t0 = time.time()
   model, history, acc = train(opt, cfg, data, args.batch_size, run=run)
@@ -192,6 +212,7 @@ def main():
     print(f"step {last['step']}: loss {last['loss']:.3f}, test accuracy "
           f"{acc:.3f}, min attention entropy {last['entropy_min']:.3f}, "
           f'{time.time() - t0:.0f}s')
+    print(common.describe_throughput(history))
 
 
 if __name__ == '__main__':

@@ -48,3 +48,16 @@ def allowed(w, tau, weight_floor=1.0):
 @pytest.fixture
 def rng():
   return np.random.default_rng(0)
+
+
+@pytest.fixture
+def one_device(monkeypatch):
+  """The examples' mesh on one device: for tests of what a training run
+  computes rather than how it is sharded (on 8 simulated devices on 2 cores
+  each step costs several times more). The sharding of the examples is
+  tested on all 8 (test_examples, test_sharding)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import common  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(common, 'make_mesh', lambda: jax.make_mesh(
+      (1,), (common.AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+      devices=jax.devices()[:1]))

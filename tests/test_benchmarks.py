@@ -4,6 +4,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'benchmarks'))
@@ -26,6 +27,7 @@ def test_crash_rule():
   assert stability.crashed(_history([1.0, np.nan] * 20, np.ones(40)))
 
 
+@pytest.mark.usefixtures('one_device')
 def test_stability_quick_mode_writes_results(tmp_path):
   out = str(tmp_path / 'stability')
   runs = stability.main(['--quick', '--tasks', 'vit', '--out', out])
@@ -37,6 +39,7 @@ def test_stability_quick_mode_writes_results(tmp_path):
     assert os.path.getsize(f'{out}.{ext}') > 100
 
 
+@pytest.mark.usefixtures('one_device')
 def test_small_init_quick_mode_writes_results_and_resumes(tmp_path):
   import small_init  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / 'small_init')

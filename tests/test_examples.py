@@ -1,5 +1,6 @@
 """The examples train on their embedded data, on user data, on 8 simulated
-devices (conftest), and resume from checkpoints exactly."""
+devices (conftest), and resume from checkpoints exactly. Tests that are not
+about sharding run on one device (conftest.one_device)."""
 
 import os
 import pickle
@@ -40,6 +41,7 @@ def test_gpt_trains_on_embedded_text(scan):
   assert 0 <= history[-1]['bound_active'] <= 1
 
 
+@pytest.mark.usefixtures('one_device')
 def test_gpt_trains_on_user_text(tmp_path):
   path = tmp_path / 'mine.txt'
   path.write_text('the quick brown fox jumps over the lazy dog. ' * 200)
@@ -52,6 +54,7 @@ def test_gpt_trains_on_user_text(tmp_path):
   assert ok, losses
 
 
+@pytest.mark.usefixtures('one_device')
 def test_resume_equals_uninterrupted(tmp_path):
   data = gpt.CharData(gpt.pydoc_text())
   opt = common.OptimizerConfig(name='adamw2', lr=1e-2, steps=12)
@@ -72,6 +75,7 @@ def test_resume_equals_uninterrupted(tmp_path):
   assert os.listdir(tmp_path / 'tb')
 
 
+@pytest.mark.usefixtures('one_device')
 def test_vit_learns_digits():
   """Default settings, 150 steps: the stated accuracy is at least 85%."""
   _, history, acc = vit.train(
@@ -81,6 +85,7 @@ def test_vit_learns_digits():
   assert history[-1]['train_acc'] > 0.8
 
 
+@pytest.mark.usefixtures('one_device')
 def test_cifar10_loader_reads_python_batches(tmp_path):
   rng = np.random.default_rng(0)
   for name in ['data_batch_1', 'test_batch']:
