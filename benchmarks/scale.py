@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import sys
+import textwrap
 import time
 
 import jax
@@ -82,7 +83,8 @@ def plot(results, path, title):
     axes[0].plot(steps, [c['loss'] for c in r['curve']], label=r['run'])
     axes[1].plot(steps, [c['entropy_min'] for c in r['curve']],
                  label=r['run'])
-  axes[0].set(title=f'{title}\ntraining loss', xlabel='step',
+  fig.suptitle('\n'.join(textwrap.wrap(title, 110)), fontsize=10)
+  axes[0].set(title='training loss', xlabel='step',
               ylabel='cross-entropy (nats per byte)')
   axes[1].axhline(common.COLLAPSE_NATS, color='gray', ls=':', lw=1)
   axes[1].set(title='smallest attention entropy over heads and layers',
@@ -90,7 +92,7 @@ def plot(results, path, title):
   for ax in axes:
     ax.grid(alpha=0.3)
     ax.legend()
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0, 1, 0.93))
   fig.savefig(path, dpi=100)
   plt.close(fig)
 
@@ -136,7 +138,7 @@ def main(argv=None):
     r['step_time_ratio'] = r['step_s'] / base
   params = gpt.param_count(dataclasses.replace(cfg,
                                                vocab_size=data.vocab_size))
-  title = (f'{args.preset} ({params / 1e6:.1f}M params, {args.dtype}) on the '
+  title = (f'{args.preset} ({params:,} params, {args.dtype}) on the '
            f'stdlib corpus, {device}: peak lr {args.lr:g}, {args.steps} '
            f'steps of {args.batch_size} x {cfg.block_size} bytes')
   meta = {'device': device, 'device_kind': jax.devices()[0].device_kind,

@@ -487,6 +487,15 @@ def spectral_stats(opt_state: Any) -> dict[str, jax.Array]:
     >>> sorted(optax_spectral.spectral_stats(state))
     ['w/bounded_recent', 'w/factor', 'w/sigma_update', 'w/sigma_weight']
   """
+  return {f'{key}/{field}': packed[..., j]
+          for key, packed in packed_stats(opt_state).items()
+          for j, field in enumerate(STATS)}
+
+
+def packed_stats(opt_state: Any) -> dict[str, jax.Array]:
+  """``{'<leaf>': stats}`` with the fields of :data:`STATS` on the last axis:
+  what :func:`spectral_stats` unpacks (one array per leaf, e.g. for a single
+  host transfer)."""
   is_state = lambda x: isinstance(x, ScaleBySpectralBoundState)
   found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_state)
            if is_state(x)]
@@ -494,12 +503,6 @@ def spectral_stats(opt_state: Any) -> dict[str, jax.Array]:
     raise ValueError('opt_state contains no scale_by_spectral_bound state.')
   names = [name for s in found for name in s.stats]
   prefix = len(names) != len(set(names))
-  stats = {}
-  for i, s in enumerate(found):
-    for name, packed in s.stats.items():
-      key = f'{i}/{name}' if prefix else name
-      # jnp.asarray also unwraps nnx.Variable leaves of nnx.Optimizer.
-      packed = jnp.asarray(packed)
-      for j, field in enumerate(STATS):
-        stats[f'{key}/{field}'] = packed[..., j]
-  return stats
+  # jnp.asarray also unwraps nnx.Variable leaves of nnx.Optimizer.
+  return {f'{i}/{name}' if prefix else name: jnp.asarray(packed)
+          for i, s in enumerate(found) for name, packed in s.stats.items()}

@@ -122,10 +122,8 @@ def bound_summary(opt_state: Any) -> dict[str, Any]:
     >>> diagnostics.bound_summary(state)['bound_fraction']
     1.0
   """
-  stats = jax.device_get(_transform.spectral_stats(opt_state))
-  field = lambda name: {k[:-len(name) - 1]: np.asarray(v)
-                        for k, v in stats.items() if k.endswith('/' + name)}
-  factors, recent = field('factor'), field('bounded_recent')
+  stats = _host_stats(opt_state)
+  factors, recent = stats['factor'], stats['bounded_recent']
   flat = np.concatenate([f.ravel() for f in factors.values()])
   flat_recent = np.concatenate([f.ravel() for f in recent.values()])
   return {'bound_fraction': float(np.mean(flat < 1)),
@@ -134,6 +132,14 @@ def bound_summary(opt_state: Any) -> dict[str, Any]:
           'throttled_fraction': float(np.mean(flat_recent > 0.5)),
           'most_throttled': float(flat_recent.max()),
           'most_throttled_leaf': _extreme(recent, np.argmax)}
+
+
+def _host_stats(opt_state: Any) -> dict[str, dict[str, np.ndarray]]:
+  """``{field: {leaf: values}}`` on the host, in one transfer (slicing each
+  field on the device would dispatch an operation per leaf and field)."""
+  packed = jax.device_get(_transform.packed_stats(opt_state))
+  return {field: {leaf: np.asarray(v)[..., j] for leaf, v in packed.items()}
+          for j, field in enumerate(_transform.STATS)}
 
 
 def _extreme(values: dict[str, np.ndarray], arg) -> str:
@@ -172,12 +178,10 @@ def scalars(opt_state: Any) -> dict[str, float]:
     ['factor/stack[0]', 'factor/stack[1]', 'factor/w']
   """
   out = {}
-  stats = jax.device_get(_transform.spectral_stats(opt_state))
-  for key, value in stats.items():
-    leaf, field = key.rsplit('/', 1)
-    value = np.asarray(value)
-    for i in np.ndindex(value.shape):
-      out[f'{field}/{_indexed(leaf, i)}'] = float(value[i])
+  for field, leaves in _host_stats(opt_state).items():
+    for leaf, value in leaves.items():
+      for i in np.ndindex(value.shape):
+        out[f'{field}/{_indexed(leaf, i)}'] = float(value[i])
   return out
 
 

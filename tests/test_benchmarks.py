@@ -27,6 +27,7 @@ def test_crash_rule():
   assert stability.crashed(_history([1.0, np.nan] * 20, np.ones(40)))
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures('one_device')
 def test_stability_quick_mode_writes_results(tmp_path):
   out = str(tmp_path / 'stability')

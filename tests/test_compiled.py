@@ -9,6 +9,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import optax
+import pytest
 
 import optax_spectral
 
@@ -134,7 +135,8 @@ _COND_SCRIPT = textwrap.dedent('''
           losses.append(float(l))
       return losses
 
-    for axis_type in (AxisType.Auto, AxisType.Explicit):
+    for axis_type in [getattr(AxisType, name)
+                      for name in os.environ['AXIS_TYPES'].split(',')]:
       mesh = jax.make_mesh((2, 2), ('fsdp', 'tensor'),
                            axis_types=(axis_type,) * 2)
       with jax.set_mesh(mesh):
@@ -145,14 +147,17 @@ _COND_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_sharded_update_inside_conditionals():
+@pytest.mark.parametrize('axis_type', [
+    'Auto', pytest.param('Explicit', marks=pytest.mark.slow)])
+def test_sharded_update_inside_conditionals(axis_type):
   """MultiSteps and a bare lax.cond around adamw2, with sharded 3-D and 2-D
   kernels on a 2x2 fsdp x tensor mesh, jit with shardings and donation.
 
   In a subprocess: a collective that not every device reaches aborts the
   whole process after XLA's 40 s rendezvous timeout.
   """
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  env = dict(os.environ, AXIS_TYPES=axis_type,
+             XLA_FLAGS='--xla_force_host_platform_device_count=4')
   proc = subprocess.run([sys.executable, '-c', _COND_SCRIPT], env=env,
                         capture_output=True, text=True, timeout=600,
                         check=False)

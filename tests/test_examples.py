@@ -23,7 +23,8 @@ def _loss_drops(history, by=0.3):
   return last < first - by, (first, last)
 
 
-@pytest.mark.parametrize('scan', [False, True])
+@pytest.mark.parametrize('scan', [
+    False, pytest.param(True, marks=pytest.mark.slow)])
 def test_gpt_trains_on_embedded_text(scan):
   data = gpt.CharData(gpt.pydoc_text())
   assert len(data.train) + len(data.val) > 400_000
@@ -85,7 +86,6 @@ def test_vit_learns_digits():
   assert history[-1]['train_acc'] > 0.8
 
 
-@pytest.mark.usefixtures('one_device')
 def test_cifar10_loader_reads_python_batches(tmp_path):
   rng = np.random.default_rng(0)
   for name in ['data_batch_1', 'test_batch']:
@@ -102,10 +102,20 @@ def test_cifar10_loader_reads_python_batches(tmp_path):
   np.testing.assert_allclose(data.x_train[3, 1, 2],
                              raw[b'data'][3].reshape(3, 32, 32)[:, 1, 2] /
                              255.0)
+  with pytest.raises(FileNotFoundError, match='CIFAR-10'):
+    vit.cifar10(str(tmp_path / 'nothing'))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures('one_device')
+def test_vit_trains_on_cifar10_shaped_images():
+  rng = np.random.default_rng(0)
+  data = vit.ImageData(rng.uniform(size=(20, 32, 32, 3)).astype(np.float32),
+                       rng.integers(0, 10, 20).astype(np.int32),
+                       rng.uniform(size=(8, 32, 32, 3)).astype(np.float32),
+                       rng.integers(0, 10, 8).astype(np.int32))
   _, history, _ = vit.train(
       common.OptimizerConfig(name='adamw2', lr=1e-3, steps=3),
       vit.ViTConfig(patch=4, n_layer=1, n_head=2, n_embd=32), data,
       batch_size=8)
   assert np.isfinite(history[-1]['loss'])
-  with pytest.raises(FileNotFoundError, match='CIFAR-10'):
-    vit.cifar10(str(tmp_path / 'nothing'))

@@ -26,6 +26,7 @@ def _env():
   return env
 
 
+@pytest.mark.slow
 def test_two_processes_match_one():
   reference = json.loads(subprocess.run(
       [sys.executable, WORKER, '0', '0', '0'], capture_output=True,

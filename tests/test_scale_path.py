@@ -181,6 +181,7 @@ def test_gpt2_small_preset_has_gpt2_small_shape():
   assert 85e6 < want < 87e6
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures('one_device')
 def test_vit_trains_in_bf16_and_logs_throughput():
   cfg = vit.ViTConfig(**{**vit.PRESETS['tiny'].__dict__, 'dtype': 'bfloat16'})

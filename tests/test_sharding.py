@@ -55,7 +55,7 @@ def _train(params, steps=3, jit=True):
 
 
 @pytest.mark.parametrize('axis_type', [AxisType.Explicit, AxisType.Auto])
-@pytest.mark.parametrize('jit', [True, False])
+@pytest.mark.parametrize('jit', [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_sharded_equals_unsharded(rng, axis_type, jit):
   params = _params(rng)
   expected, _, _ = _train(params, jit=jit)
@@ -77,7 +77,8 @@ def test_sharded_equals_unsharded(rng, axis_type, jit):
     assert types[0] == types[1]
 
 
-@pytest.mark.parametrize('axis_type', [AxisType.Explicit, AxisType.Auto])
+@pytest.mark.parametrize('axis_type', [
+    pytest.param(AxisType.Explicit, marks=pytest.mark.slow), AxisType.Auto])
 def test_fsdp_matrix_is_never_gathered(axis_type):
   """The compiled update moves vectors between devices, never a matrix."""
   mesh = jax.make_mesh((8,), ('fsdp',), axis_types=(axis_type,))
@@ -127,7 +128,8 @@ class _PartitionedMLP:
     return MLP(rngs)
 
 
-@pytest.mark.parametrize('axis_type', [AxisType.Explicit, AxisType.Auto])
+@pytest.mark.parametrize('axis_type', [
+    pytest.param(AxisType.Explicit, marks=pytest.mark.slow), AxisType.Auto])
 def test_nnx_partitioned_model_trains_and_checkpoints(tmp_path, axis_type):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top

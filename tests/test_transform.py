@@ -112,7 +112,9 @@ def _numpy_adamw2(w, grads, lr, tau, b1=0.9, b2=0.999, eps=1e-8, wd=1e-4,
   return w, factors
 
 
-@pytest.mark.parametrize('weight_floor', [0.0, 1.0, 3.0])
+@pytest.mark.parametrize('weight_floor', [
+    pytest.param(0.0, marks=pytest.mark.slow), 1.0,
+    pytest.param(3.0, marks=pytest.mark.slow)])
 def test_adamw2_matches_numpy_reference(rng, weight_floor):
   # σ1(W) starts at ~1.8 and grows: below, near and above the floors
   # (0, 1.76 and 5.3), so that each run crosses or sits on one side.
