@@ -376,11 +376,14 @@ def fit(model: nnx.Module, opt: OptimizerConfig, train_step: Callable,
       restored = manager.restore(start, args=ocp.args.StandardRestore(abstract))
       nnx.update(model, restored['model'])
       nnx.update(optimizer, restored['optimizer'])
-  writer = csv_file = None
+  writer = csv_file = tb = None
   if main and run.out_dir:
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     os.makedirs(run.out_dir, exist_ok=True)
-    tb = SummaryWriter(os.path.join(run.out_dir, 'tb'))
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      tb = SummaryWriter(os.path.join(run.out_dir, 'tb'))
+    except ImportError:  # e.g. a GPU image without it: the CSV still has all
+      print('tensorboardX is not installed: metrics go to metrics.csv only')
     csv_file = open(os.path.join(run.out_dir, 'metrics.csv'),
                     'a' if start else 'w', newline='')
   step_fn = pinned(train_step, model, optimizer)
@@ -429,13 +432,14 @@ def fit(model: nnx.Module, opt: OptimizerConfig, train_step: Callable,
           writer.writeheader()
       writer.writerow(row)
       for k, v in row.items():
-        if k != 'step' and np.isfinite(v):
+        if tb is not None and k != 'step' and np.isfinite(v):
           tb.add_scalar(k, v, step)
   bar.close()
   if manager is not None:
     manager.wait_until_finished()
   if csv_file is not None:
     csv_file.close()
+  if tb is not None:
     tb.close()
   return history
 

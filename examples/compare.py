@@ -1,6 +1,6 @@
 """The main demo: AdamW with and without warmup against AdamW² without warmup.
 
-    python examples/compare.py                 # about 4.5 minutes on 2 CPU cores
+    python examples/compare.py      # about 4.5 minutes on 2 CPU cores
 
 Trains the character-level GPT (examples/gpt.py, CPython's help text) and the
 ViT (examples/vit.py, scikit-learn's digits) at the same high learning rate,
@@ -90,8 +90,8 @@ def main():
       if task == 'gpt':
         model, history = gpt.train(cfg, gpt.PRESETS[args.preset], data,
                                    args.gpt_batch_size, run=run)
-        score = (f'val loss '
-                 f'{gpt.validation_loss(model, data, model.wpe.num_embeddings):.3f}')
+        block = model.wpe.num_embeddings
+        score = f'val loss {gpt.validation_loss(model, data, block):.3f}'
       else:
         _, history, acc = vit.train(cfg, vit.PRESETS[args.preset], data,
                                     run=run)

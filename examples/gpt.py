@@ -48,7 +48,7 @@ PRESETS = {
     'tiny': GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32),
     'small': GPTConfig(),
     'gpu': GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384),
-    # GPT-2 small's shape. With a byte vocabulary (256) it has 85.9M params,
+    # GPT-2 small's shape. With a byte vocabulary (256) it has 86.0M params,
     # not GPT-2's 124M: 38.6M of those are GPT-2's 50257-token embedding.
     'gpt2-small': GPTConfig(block_size=1024, n_layer=12, n_head=12,
                             n_embd=768),

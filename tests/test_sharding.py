@@ -55,7 +55,8 @@ def _train(params, steps=3, jit=True):
 
 
 @pytest.mark.parametrize('axis_type', [AxisType.Explicit, AxisType.Auto])
-@pytest.mark.parametrize('jit', [True, pytest.param(False, marks=pytest.mark.slow)])
+@pytest.mark.parametrize('jit', [
+    True, pytest.param(False, marks=pytest.mark.slow)])
 def test_sharded_equals_unsharded(rng, axis_type, jit):
   params = _params(rng)
   expected, _, _ = _train(params, jit=jit)
