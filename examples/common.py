@@ -447,8 +447,9 @@ def fit(model: nnx.Module, opt: OptimizerConfig, train_step: Callable,
 # The crash rule of the README's "Stability" section. A run crashed when some
 # head's attention entropy (nats, averaged over queries) fell below
 # COLLAPSE_NATS in the second half of training (attention collapsed onto
-# single tokens), or its loss became non-finite, or its final 10-step mean
-# loss ended SPIKE_NATS above its best one (a spike it did not recover from).
+# single tokens), or its loss became non-finite, or the mean loss of its last
+# 10 logged steps ended SPIKE_NATS above the best such mean (a spike it did
+# not recover from).
 COLLAPSE_NATS = 0.1
 SPIKE_NATS = 0.5
 
