@@ -535,7 +535,8 @@ def describe_bound(last: dict) -> str:
           f"at the last step; {last['throttled']:.0%} of the matrices were "
           'bounded on most of their last ~100 steps' + (
               ' (it, not the learning rate, sets their pace: see README, '
-              '"Choosing tau")' if last['throttled'] > 0.5 else ''))
+              '"Small inits and choosing tau")'
+              if last['throttled'] > 0.5 else ''))
 
 
 def print_bounded(model: nnx.Module):

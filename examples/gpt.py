@@ -294,9 +294,12 @@ def main():
       print(common.describe_bound(history[-1]))
     last = history[-1]
     cfg = dataclasses.replace(cfg, vocab_size=data.vocab_size)
+    val = (f'{validation_loss(model, data, cfg.block_size):.3f}'
+           if len(data.val) > cfg.block_size + 1 else
+           'n/a (validation split shorter than a block)')
     print(f"step {last['step']}: loss {last['loss']:.3f}, validation loss "
-          f'{validation_loss(model, data, cfg.block_size):.3f}, min attention '
-          f"entropy {last['entropy_min']:.3f}, {time.time() - t0:.0f}s")
+          f"{val}, min attention entropy {last['entropy_min']:.3f}, "
+          f'{time.time() - t0:.0f}s')
     print(common.describe_throughput(history))
     print('sample:\n' + sample(model, data, cfg))
 
