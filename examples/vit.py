@@ -125,15 +125,20 @@ class ViT(nnx.Module):
     x = self.embed(x.reshape(b, (h // p) * (w // p), p * p * c))
     x = jnp.concatenate([jnp.broadcast_to(self.cls[...], (b, 1, x.shape[-1])),
                          x], axis=1) + self.pos[...]
-    x, entropy = self.blocks(x.astype(self.embed.dtype or x.dtype), probe)
+    x, entropy = self.blocks(x.astype(self.embed.dtype), probe)
     return self.head(self.ln(x[:, 0])).astype(jnp.float32), entropy
+
+
+def tokens_per_image(cfg: ViTConfig) -> int:
+  """Patches and the class token."""
+  return (cfg.image_size // cfg.patch) ** 2 + 1
 
 
 def flops_per_token(cfg: ViTConfig) -> float:
   """Model FLOPs per token (patch or class token), forward and backward:
   the patch embedding and the blocks (the head sees one token)."""
-  tokens = (cfg.image_size // cfg.patch) ** 2 + 1
-  return (common.matmul_flops_per_token(cfg.n_layer, cfg.n_embd, tokens) +
+  return (common.matmul_flops_per_token(cfg.n_layer, cfg.n_embd,
+                                        tokens_per_image(cfg)) +
           6.0 * cfg.patch**2 * cfg.channels * cfg.n_embd)
 
 
@@ -180,9 +185,8 @@ def train(opt: common.OptimizerConfig, cfg: ViTConfig, data: ImageData,
     model = ViT(cfg, nnx.Rngs(seed))
     batch = lambda step: data.batch(np.random.default_rng([seed, step]),
                                     batch_size)
-    workload = common.Workload(
-        batch_size * ((cfg.image_size // cfg.patch) ** 2 + 1),
-        flops_per_token(cfg))
+    workload = common.Workload(batch_size * tokens_per_image(cfg),
+                               flops_per_token(cfg))
     history = common.fit(model, opt, train_step, probe, batch, run, mesh,
                          workload)
     acc = accuracy(model, data.x_test, data.y_test)
