@@ -106,16 +106,23 @@ def _trace(g: jax.Array) -> jax.Array:
   return jnp.trace(g, axis1=-2, axis2=-1)
 
 
-def _steps(n: int, body, carry):
-  """``carry = body(j, carry)`` for ``j < n``: a loop on CPUs, unrolled on
-  accelerators.
+def loops_are_cheap() -> bool:
+  """Whether to write repeated work as loops rather than unrolled.
 
-  The k×k arithmetic is a chain of ~25 tiny dependent steps. On GPUs a loop
-  makes the host wait for the device at every trip, so they are unrolled
-  there; XLA:CPU runs loops at no such cost, and compiles the unrolled chain
-  several times slower than the rest of the optimizer, so it loops there.
+  On GPUs a loop or branch on device data makes the host wait for the
+  device at every trip, so the iteration is unrolled there, with no control
+  flow after the first step. XLA:CPU runs loops at no such cost, and
+  compiles unrolled code several times slower, so it loops there (True on
+  CPUs; tests patch it to check the accelerators' structure on CPUs).
   """
-  if jax.default_backend() == 'cpu':
+  return jax.default_backend() == 'cpu'
+
+
+def _steps(n: int, body, carry):
+  """``carry = body(j, carry)`` for ``j < n``: the k×k arithmetic, a chain
+  of ~25 tiny dependent steps, as a loop or unrolled (:func:`loops_are_cheap`).
+  """
+  if loops_are_cheap():
     return jax.lax.fori_loop(0, n, body, carry)
   for j in range(n):
     carry = body(j, carry)
@@ -302,6 +309,20 @@ def _mm(a, b):
   return jnp.matmul(a, b, precision=PRECISION)
 
 
+def orthonormalize(blocks: Sequence[jax.Array],
+                   passes: int = 2) -> list[jax.Array]:
+  """Blocks ``(B_g, k_g, L_g)`` with orthonormal rows spanning the same
+  spaces: Cholesky-QR, batched over all blocks (one set of ``k × k``
+  kernels, whatever their shapes). Two passes reach orthonormality to the
+  Cholesky shift (~1e-6); one is enough for a warm start."""
+  blocks = list(blocks)
+  for _ in range(passes if blocks else 0):
+    coeffs = _over_groups(lambda g: (_orthonormalizer(g),),
+                          [_gram(b) for b in blocks])
+    blocks = [_mm(c, b) for (c,), b in zip(coeffs, blocks)]
+  return blocks
+
+
 def _iteration(groups, blocks) -> list[_Estimate]:
   """One block iteration on every group of matrices.
 
@@ -474,15 +495,12 @@ def power_iteration(
                           [num_iterations])
   # The persistent block is orthonormalised once per iteration, which is
   # enough for a warm start; callers of this function get both sides
-  # orthonormal to rounding error (a second Cholesky-QR pass, and the
-  # shorter side from one more product: the optimizer keeps only the longer).
-  def orthonormal(rows):
-    return _mm(_orthonormalizer(_gram(rows)), rows)
-
+  # orthonormal (two more Cholesky-QR passes, and the shorter side from one
+  # more product: the optimizer keeps only the longer).
   short = _product(est.block.reshape(tuple(batch) + (k, max(m, n))), matrix,
                    contract_rows=tall, acc=acc)
-  short = orthonormal(orthonormal(short.reshape(size, k, min(m, n))))
-  long = orthonormal(est.block)
+  short, long = orthonormalize([short.reshape(size, k, min(m, n)),
+                                est.block])
   ok = est.ok & jnp.all(jnp.isfinite(short), axis=(-2, -1))
   fallback = jnp.swapaxes(v if tall else u, -1, -2).astype(acc).reshape(
       size, k, min(m, n))

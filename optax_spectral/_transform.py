@@ -10,8 +10,10 @@ import numpy as np
 import optax
 
 from optax_spectral import _matrices
+from optax_spectral import _power_iteration
 from optax_spectral._power_iteration import compute_dtype
 from optax_spectral._power_iteration import iterate_groups
+from optax_spectral._power_iteration import orthonormalize
 
 # Chosen by the sweep in benchmarks/defaults (see README, "Defaults").
 DEFAULT_TAU = 0.02
@@ -105,27 +107,24 @@ def _plan(views: dict[str, _matrices.MatrixView]) -> list[_Group]:
           for (m, n, dtype), members in groups.items()]
 
 
-def _orthonormal_rows(key: jax.Array, shape: tuple[int, ...],
-                      dtype) -> jax.Array:
-  # Only at init: the update itself calls no solver.
-  q = jnp.linalg.qr(jax.random.normal(key, shape[:-2] + shape[:-3:-1],
-                                      jnp.float32))[0]
-  return jnp.swapaxes(q, -1, -2).astype(dtype)
-
-
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _initial_blocks(seed, shapes: tuple[tuple[int, int, int], ...],
                     dtypes: tuple) -> list[tuple[jax.Array, jax.Array]]:
   """Random orthonormal starting rows, ``(weight, update)`` per group of
   ``(batch, k, long)``. One compiled function for all groups: ``init``
   often runs eagerly, where each operation of each shape would compile."""
-  key = jax.random.key(seed)
-  out = []
-  for i, ((b, k, long), dtype) in enumerate(zip(shapes, dtypes)):
-    kw, kd = jax.random.split(jax.random.fold_in(key, i))
-    out.append((_orthonormal_rows(kw, (b, 1, long), dtype),
-                _orthonormal_rows(kd, (b, k, long), dtype)))
-  return out
+  sizes = [(b, j, long) for b, k, long in shapes for j in (1, k)]
+  # One draw for all blocks: each random draw compiles its own generator.
+  flat = jax.random.normal(jax.random.key(seed),
+                           (sum(math.prod(s) for s in sizes),), jnp.float32)
+  offsets = np.cumsum([0] + [math.prod(s) for s in sizes])
+  rows = [flat[a:b].reshape(s) for a, b, s in
+          zip(offsets[:-1], offsets[1:], sizes)]
+  # Orthonormalised by the iteration's own Cholesky-QR, batched over all
+  # groups: a solver QR per group cost seconds of compile time on CPUs.
+  rows = [r.astype(d) for r, d in zip(orthonormalize(rows),
+                                      [d for d in dtypes for _ in (0, 1)])]
+  return list(zip(rows[::2], rows[1::2]))
 
 
 def _concrete(value):
@@ -222,9 +221,11 @@ def scale_by_spectral_bound(
     change direction every step, the applied step stays within 0.1% of
     ``τ σ1(W)`` and about 3% below it on median (tests/test_transform.py).
   * The first step runs ``num_iterations_first`` iterations on both, from a
-    cold start: the extra iterations run in one ``lax.cond`` for the whole
-    model (not one per matrix); later steps unroll theirs, with no control
-    flow (on GPUs each loop or branch on device data makes the host wait).
+    cold start. On accelerators the extra iterations run in one ``lax.cond``
+    for the whole model (not one per matrix), and later steps unroll theirs,
+    with no control flow (on GPUs each loop or branch on device data makes
+    the host wait). On CPUs, where loops cost nothing, all steps share one
+    loop, which compiles the iteration once.
   * The work is batched: all bounded matrices of one shape and dtype form a
     group, whose vectors are stacked in the state, and whose plain 2-D
     matrices are stacked into one copy per step, so that each product is one
@@ -372,13 +373,16 @@ def scale_by_spectral_bound(
     count = state.count
     steady = [num_iterations_weight] * len(plan) + [
         num_iterations] * len(plan)
-    if all(isinstance(n, int) for n in steady) and isinstance(
-        num_iterations_first, int):
+    if not _power_iteration.loops_are_cheap() and all(
+        isinstance(n, int) for n in steady + [num_iterations_first]):
       # Later steps unroll their iterations (no control flow); the first
       # step's extra iterations run in one branch for the whole model.
       extra = num_iterations_first - min(steady, default=0)
       cold_start = jnp.where(count == 0, extra, 0) if extra > 0 else None
-    else:  # traced counts (inject_hyperparams): one loop
+    else:
+      # One loop for the first step and later ones: on CPUs, where the
+      # iteration then compiles once rather than twice (unrolled, and in the
+      # first step's branch); and for traced counts (inject_hyperparams).
       steady = [jnp.where(count == 0, num_iterations_first, n)
                 for n in steady]
       cold_start = None

@@ -9,6 +9,20 @@ if 'xla_force_host_platform_device_count' not in os.environ.get(
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              ' --xla_force_host_platform_device_count=8')
 
+# Compiled programs are shared by all tests of a run (both xdist workers and
+# subprocesses inherit the directory): several tests compile the same train
+# step or update, and XLA:CPU compiles are most of the suite's time. One
+# fresh directory per run, removed at its end, so each run starts cold.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  import atexit  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  _cache = tempfile.mkdtemp(prefix='optax_spectral_tests_xla_')
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5',
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest
 

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import optax_spectral
+from optax_spectral import _power_iteration
 from optax_spectral import SpectralDimensionNumbers as D
 from conftest import allowed, floor_sigma, planted, sigma1
 
@@ -35,6 +36,26 @@ def test_factor_matches_exact_svd(rng, shape, step_scale):
   np.testing.assert_allclose(stats['w/sigma_weight'], sigma1(w), rtol=1e-4)
   np.testing.assert_allclose(stats['w/sigma_update'], sigma1(d), rtol=1e-4)
   np.testing.assert_allclose(stats['w/factor'], factor, rtol=1e-4)
+
+
+def test_accelerator_structure_matches_exact_svd(rng, monkeypatch):
+  """On GPUs and TPUs the iterations are unrolled and the first step's extra
+  ones run in a lax.cond (CPUs run one loop): the same bound, on the first
+  step (cold start) and later ones (warm start)."""
+  monkeypatch.setattr(_power_iteration, 'loops_are_cheap', lambda: False)
+  tau, w = 0.1, planted(rng, (24, 10), top=2.0)
+  tx = optax_spectral.scale_by_spectral_bound(tau)
+  params = {'w': jnp.asarray(w, jnp.float32)}
+  state, update = tx.init(params), jax.jit(tx.update)
+  assert 'stablehlo.case' in update.lower(params, state, params).as_text()
+  step = planted(rng, (24, 10), top=3.0)
+  for scale in (0.01, 1.0, 0.5):
+    d = step * scale  # the warm start stays converged: its estimate is exact
+    out, state = update({'w': jnp.asarray(d, jnp.float32)}, state, params)
+    factor = min(1.0, allowed(w, tau) / sigma1(d))
+    np.testing.assert_allclose(out['w'], d * factor, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(optax_spectral.spectral_stats(state)[
+        'w/sigma_update'], sigma1(d), rtol=1e-4)
 
 
 def test_nd_leaves_are_batches_of_matrices(rng):
@@ -216,8 +237,11 @@ def test_small_and_zero_matrices_move_at_the_floor(rng, weight_floor):
   out, state = _one_step(optax_spectral.scale_by_spectral_bound(
       tau, weight_floor=weight_floor), updates, params)
   limit = tau * max(sigma1(w), weight_floor * (1 + np.sqrt(96 / 32)))
-  # rtol: the power iteration's underestimate of a random matrix's σ1.
-  np.testing.assert_allclose(sigma1(out['small']), limit, rtol=1e-2)
+  # The first step's 20 iterations from a random start underestimate a
+  # random matrix's σ1 (close top singular values) by up to a few percent:
+  # the step is then below the limit, never above it.
+  assert limit * 0.97 <= sigma1(out['small']) <= limit * (1 + 1e-5), (
+      sigma1(out['small']), limit)
   zero_limit = tau * weight_floor * (1 + np.sqrt(3)) or sigma1(d)
   np.testing.assert_allclose(sigma1(out['zero']), zero_limit, rtol=1e-3)
   with pytest.raises(ValueError, match='weight_floor'):
