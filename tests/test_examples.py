@@ -23,11 +23,33 @@ def _loss_drops(history, by=0.3):
   return last < first - by, (first, last)
 
 
-@pytest.mark.parametrize('scan', [
-    False, pytest.param(True, marks=pytest.mark.slow)])
-def test_gpt_trains_on_embedded_text(scan):
+def test_gpt_trains_on_text_over_eight_devices(tmp_path):
+  """A user's text file; the mesh spans the 8 simulated devices."""
+  path = tmp_path / 'mine.txt'
+  path.write_text('the quick brown fox jumps over the lazy dog. ' * 200)
+  data = gpt.CharData(path.read_text())
+  assert data.vocab_size == len(set(path.read_text()))
+  model, history = gpt.train(
+      common.OptimizerConfig(name='adamw2', lr=1e-2, steps=20),
+      gpt.PRESETS['tiny'], data, batch_size=16)
+  ok, losses = _loss_drops(history)
+  assert ok, losses
+  assert jax.device_count() == 8
+  kernel = model.blocks.layers[0].qkv.kernel
+  assert len(kernel[...].sharding.device_set) == 8
+  assert 0 <= history[-1]['bound_active'] <= 1
+
+
+def test_embedded_text_is_pydoc():
   data = gpt.CharData(gpt.pydoc_text())
   assert len(data.train) + len(data.val) > 400_000
+  assert 'keyword' in data.decode(data.encode('keyword'))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('scan', [False, True])
+def test_gpt_trains_on_embedded_text(scan):
+  data = gpt.CharData(gpt.pydoc_text())
   cfg = gpt.PRESETS['tiny']
   cfg = type(cfg)(**{**cfg.__dict__, 'scan': scan})
   model, history = gpt.train(
@@ -40,19 +62,6 @@ def test_gpt_trains_on_embedded_text(scan):
       model.blocks.layers[0].qkv.kernel)
   assert len(kernel[...].sharding.device_set) == 8
   assert 0 <= history[-1]['bound_active'] <= 1
-
-
-@pytest.mark.usefixtures('one_device')
-def test_gpt_trains_on_user_text(tmp_path):
-  path = tmp_path / 'mine.txt'
-  path.write_text('the quick brown fox jumps over the lazy dog. ' * 200)
-  data = gpt.CharData(path.read_text())
-  assert data.vocab_size == len(set(path.read_text()))
-  _, history = gpt.train(
-      common.OptimizerConfig(name='adamw', lr=1e-2, steps=40),
-      gpt.PRESETS['tiny'], data, batch_size=16)
-  ok, losses = _loss_drops(history)
-  assert ok, losses
 
 
 @pytest.mark.usefixtures('one_device')
@@ -77,13 +86,15 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 @pytest.mark.usefixtures('one_device')
-def test_vit_learns_digits():
-  """Default settings, 150 steps: the stated accuracy is at least 85%."""
+@pytest.mark.parametrize('steps,accuracy', [
+    # 50 steps measured 73% test accuracy; 150 steps at least 85%.
+    (50, 0.6), pytest.param(150, 0.85, marks=pytest.mark.slow)])
+def test_vit_learns_digits(steps, accuracy):
   _, history, acc = vit.train(
-      common.OptimizerConfig(name='adamw2', lr=1e-2, steps=150),
+      common.OptimizerConfig(name='adamw2', lr=1e-2, steps=steps),
       vit.PRESETS['tiny'], vit.digits(), batch_size=64)
-  assert acc >= 0.85, acc
-  assert history[-1]['train_acc'] > 0.8
+  assert acc >= accuracy, acc
+  assert history[-1]['train_acc'] > accuracy - 0.05
 
 
 def test_cifar10_loader_reads_python_batches(tmp_path):

@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import subprocess_env
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                       'multihost_worker.py')
 
@@ -20,10 +22,7 @@ def _free_port():
 
 
 def _env():
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
-  env['JAX_PLATFORMS'] = 'cpu'
-  return env
+  return dict(subprocess_env(1), JAX_PLATFORMS='cpu')
 
 
 @pytest.mark.slow

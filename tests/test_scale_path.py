@@ -72,7 +72,7 @@ def test_bfloat16_computes_in_bf16_and_keeps_float32_params_and_state():
   cfg = gpt.GPTConfig(**{**gpt.PRESETS['tiny'].__dict__,
                          'dtype': 'bfloat16'})
   model, history = gpt.train(
-      common.OptimizerConfig(name='adamw2', lr=1e-2, steps=30), cfg, data,
+      common.OptimizerConfig(name='adamw2', lr=1e-2, steps=12), cfg, data,
       batch_size=16)
   params = nnx.state(model, nnx.Param)
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
@@ -85,7 +85,7 @@ def test_bfloat16_computes_in_bf16_and_keeps_float32_params_and_state():
   assert model(x)[0].dtype == jnp.float32
   first = np.mean([r['loss'] for r in history[:3]])
   last = np.mean([r['loss'] for r in history[-3:]])
-  assert last < first - 0.3, (first, last)
+  assert last < first - 0.3, (first, last)  # measured 4.48 -> 3.76
 
 
 def test_stdlib_corpus_is_split_by_file_deterministically():
@@ -201,6 +201,43 @@ def test_crash_rule_on_short_runs():
   assert common.crashed(healthy + [row(3.0)] * 10)
 
 
+def test_scale_reports_each_run_against_adamw(tmp_path, monkeypatch):
+  """scale.py's report, with a stand-in for training (the real quick run is
+  the slow test below): the three runs in order on the same settings, step
+  times over AdamW's, and every file written."""
+  import scale  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def fake_run(label, name, warmup, args, cfg, data):
+    calls.append((name, warmup, args.lr, args.steps, cfg.dtype))
+    assert data.vocab_size == 256  # the stdlib corpus, in bytes
+    curve = [{'step': i, 'loss': 5.0 - i / 10, 'entropy_min': 1.0,
+              'bound_active': 0.5} for i in range(0, args.steps, 2)]
+    return {'run': label, 'optimizer': name, 'warmup_steps': warmup,
+            'val_loss': 3.0 + len(calls), 'train_loss': 3.0,
+            'min_entropy': 1.0, 'min_entropy_late': 1.0, 'crashed': False,
+            'step_s': 0.1 * len(calls), 'tokens_per_s': 100.0 / len(calls),
+            'mfu': float('nan'), 'seconds': 1.0, 'curve': curve}
+
+  monkeypatch.setattr(scale, 'run_one', fake_run)
+  out = str(tmp_path / 'cpu-scale-quick')
+  results = scale.main(['--quick', '--steps', '16', '--lr', '0.01',
+                        '--out', out])
+  assert calls == [('adamw', 0, 0.01, 16, 'bfloat16'),
+                   ('adamw', 10, 0.01, 16, 'bfloat16'),
+                   ('adamw2', 0, 0.01, 16, 'bfloat16')]
+  assert [r['step_time_ratio'] for r in results] == pytest.approx([1, 2, 3])
+  with open(out + '.md') as f:
+    report = f.read()
+  assert ('| adamw2, no warmup | 6.000 | 1.000 / 1.000 | no | 33 | – | '
+          '300.0 | 3.000 |') in report, report
+  for ext in ('md', 'json', 'png'):
+    assert os.path.getsize(f'{out}.{ext}') > 100
+  with pytest.raises(ValueError, match='--warmup'):
+    scale.main(['--quick', '--steps', '8', '--warmup', '8', '--out', out])
+
+
+@pytest.mark.slow
 @pytest.mark.usefixtures('one_device')
 def test_scale_quick_writes_results(tmp_path):
   import scale  # pylint: disable=g-import-not-at-top
