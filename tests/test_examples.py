@@ -2,6 +2,7 @@
 devices (conftest), and resume from checkpoints exactly. Tests that are not
 about sharding run on one device (conftest.one_device)."""
 
+import dataclasses
 import os
 import pickle
 import sys
@@ -23,15 +24,17 @@ def _loss_drops(history, by=0.3):
   return last < first - by, (first, last)
 
 
-def test_gpt_trains_on_text_over_eight_devices(tmp_path):
-  """A user's text file; the mesh spans the 8 simulated devices."""
+def test_gpt_trains_in_bf16_over_eight_devices(tmp_path):
+  """A user's text file, bf16 compute; the mesh spans the 8 simulated
+  devices."""
   path = tmp_path / 'mine.txt'
   path.write_text('the quick brown fox jumps over the lazy dog. ' * 200)
   data = gpt.CharData(path.read_text())
   assert data.vocab_size == len(set(path.read_text()))
   model, history = gpt.train(
       common.OptimizerConfig(name='adamw2', lr=1e-2, steps=20),
-      gpt.PRESETS['tiny'], data, batch_size=16)
+      dataclasses.replace(gpt.PRESETS['tiny'], dtype='bfloat16'), data,
+      batch_size=16)
   ok, losses = _loss_drops(history)
   assert ok, losses
   assert jax.device_count() == 8

@@ -198,19 +198,23 @@ def test_random_direction_gradients_stay_within_ten_percent(rng):
   """Default settings: applied σ1(Δ) <= 1.1 times the allowed step after the
   fifth step (a small init: the floor sets the bound)."""
   tau = inspect.signature(optax_spectral.adamw2).parameters['tau'].default
-  for shape in [(96, 96), (64, 160), (160, 64)]:
-    params = {'w': jnp.asarray(rng.normal(size=shape) * 0.02, jnp.float32)}
-    tx = optax_spectral.adamw2(0.1)
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    ratios = []
-    for _ in range(25):
-      g = {'w': jnp.asarray(rng.normal(size=shape), jnp.float32)}
-      u, state = update(g, state, params)
-      ratios.append(sigma1(u['w']) / allowed(params['w'], tau))
-      params = optax.apply_updates(params, u)
-    assert max(ratios[5:]) <= 1.1, (shape, max(ratios[5:]))
-    assert min(ratios[5:]) >= 0.85, 'bound should be active and not too tight'
+  shapes = {'square': (96, 96), 'wide': (64, 160), 'tall': (160, 64)}
+  params = {k: jnp.asarray(rng.normal(size=s) * 0.02, jnp.float32)
+            for k, s in shapes.items()}
+  tx = optax_spectral.adamw2(0.1)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  ratios = {k: [] for k in shapes}
+  for _ in range(25):
+    g = {k: jnp.asarray(rng.normal(size=s), jnp.float32)
+         for k, s in shapes.items()}
+    u, state = update(g, state, params)
+    for k in shapes:
+      ratios[k].append(sigma1(u[k]) / allowed(params[k], tau))
+    params = optax.apply_updates(params, u)
+  for k, r in ratios.items():
+    assert max(r[5:]) <= 1.1, (k, max(r[5:]))
+    assert min(r[5:]) >= 0.85, (k, 'bound should be active, not too tight')
 
 
 def test_floor_is_sigma1_of_a_variance_preserving_random_matrix(rng):
