@@ -32,7 +32,7 @@ def test_gpt_trains_in_bf16_over_eight_devices(tmp_path):
   data = gpt.CharData(path.read_text())
   assert data.vocab_size == len(set(path.read_text()))
   model, history = gpt.train(
-      common.OptimizerConfig(name='adamw2', lr=1e-2, steps=20),
+      common.OptimizerConfig(name='adamw2', lr=1e-2, steps=10),
       dataclasses.replace(gpt.PRESETS['tiny'], dtype='bfloat16'), data,
       batch_size=16)
   ok, losses = _loss_drops(history)
