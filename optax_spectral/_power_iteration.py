@@ -311,14 +311,13 @@ def _mm(a, b):
   return jnp.matmul(a, b, precision=PRECISION)
 
 
-def orthonormalize(blocks: Sequence[jax.Array],
-                   passes: int = 2) -> list[jax.Array]:
+def orthonormalize(blocks: Sequence[jax.Array]) -> list[jax.Array]:
   """Blocks ``(B_g, k_g, L_g)`` with orthonormal rows spanning the same
-  spaces: Cholesky-QR, batched over all blocks (one set of ``k × k``
-  kernels, whatever their shapes). Two passes reach orthonormality to the
-  Cholesky shift (~1e-6); one is enough for a warm start."""
+  spaces: two Cholesky-QR passes (orthonormal to the Cholesky shift, ~1e-6),
+  batched over all blocks (one set of ``k × k`` kernels, whatever their
+  shapes)."""
   blocks = list(blocks)
-  for _ in range(passes if blocks else 0):
+  for _ in range(2 if blocks else 0):
     coeffs = _over_groups(lambda g: (_orthonormalizer(g),),
                           [_gram(b) for b in blocks])
     blocks = [_mm(c, b) for (c,), b in zip(coeffs, blocks)]

@@ -115,11 +115,10 @@ def _initial_blocks(seed, shapes: tuple[tuple[int, int, int], ...],
   often runs eagerly, where each operation of each shape would compile."""
   sizes = [(b, j, long) for b, k, long in shapes for j in (1, k)]
   # One draw for all blocks: each random draw compiles its own generator.
-  flat = jax.random.normal(jax.random.key(seed),
-                           (sum(math.prod(s) for s in sizes),), jnp.float32)
-  offsets = np.cumsum([0] + [math.prod(s) for s in sizes])
-  rows = [flat[a:b].reshape(s) for a, b, s in
-          zip(offsets[:-1], offsets[1:], sizes)]
+  counts = [math.prod(s) for s in sizes]
+  flat = jax.random.normal(jax.random.key(seed), (sum(counts),), jnp.float32)
+  rows = [part.reshape(s) for part, s in
+          zip(jnp.split(flat, np.cumsum(counts)[:-1]), sizes)]
   # Orthonormalised by the iteration's own Cholesky-QR, batched over all
   # groups: a solver QR per group cost seconds of compile time on CPUs.
   rows = [r.astype(d) for r, d in zip(orthonormalize(rows),

@@ -1,7 +1,6 @@
 """Shared test helpers: planted-spectrum matrices and exact σ1."""
 
 import os
-
 import re
 
 # Eight simulated CPU devices for the sharding tests; must precede `import
