@@ -1,5 +1,6 @@
 """``scale_by_spectral_bound``: the per-matrix step bound of AdamW²."""
 
+import dataclasses
 import functools
 import math
 from typing import Any, NamedTuple
@@ -35,8 +36,9 @@ DEFAULT_MAX_EXTRAPOLATION = 0.15
 DEFAULT_WEIGHT_FLOOR = 1.0
 
 
-# Per-leaf numbers of the last step, packed along a last axis (one array per
-# leaf keeps the per-step cost at one small copy per leaf). ``bounded_recent``
+# Per-matrix numbers of the last step, packed along a last axis and stacked
+# per group like the vectors (one small array per group, not per leaf: an
+# output per leaf is a kernel per leaf on accelerators). ``bounded_recent``
 # is the fraction of recent steps on which the bound shrank the matrix's
 # step: the mean over all steps so far, then an exponential average over
 # about the last ``RECENT_STEPS``, so that a bound that throttles learning for
@@ -45,8 +47,12 @@ STATS = ('sigma_weight', 'sigma_update', 'factor', 'bounded_recent')
 RECENT_STEPS = 100
 
 
-class SpectralGroupState(NamedTuple):
-  """Power-iteration vectors of all bounded matrices of one shape and dtype.
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=('weight', 'update', 'stats'),
+                   meta_fields=('leaves',))
+@dataclasses.dataclass(frozen=True)
+class SpectralGroupState:
+  """State of all bounded matrices of one shape and dtype, stacked.
 
   Matrices are stacked in the order of their leaves (see
   :func:`bounded_leaves`), a leaf with a batch of matrices contributing one
@@ -55,27 +61,28 @@ class SpectralGroupState(NamedTuple):
   Attributes:
     weight: σ1(W)'s singular vector, ``(matrices, 1, L)``, params' dtype.
     update: the step's block, ``(matrices, block_size, L)``, params' dtype.
+    stats: float32 ``(matrices, 4)``: the last step's σ1(W), σ1(Δ) before
+      the bound, applied factor and fraction of recent steps bounded
+      (:data:`STATS`). Read it per leaf with :func:`spectral_stats`.
+    leaves: static: ``(name, batch_shape)`` of each leaf whose matrices are
+      stacked here, in row order (part of the tree structure, not data).
   """
   weight: jax.Array
   update: jax.Array
+  stats: jax.Array
+  leaves: tuple[tuple[str, tuple[int, ...]], ...]
 
 
 class ScaleBySpectralBoundState(NamedTuple):
   """State of :func:`scale_by_spectral_bound`.
 
-  Neither part is shaped like the params (libraries such as ``nnx.Optimizer``
-  give param-shaped state the param's sharding):
-
-  * ``stats`` is keyed by leaf name (as in :func:`bounded_leaves`): float32
-    ``batch + (3,)``, the last step's σ1(W), σ1(Δ) before the bound, and the
-    applied factor of each matrix of the leaf. Read it with
-    :func:`spectral_stats`.
-  * ``groups`` is keyed by ``'<rows>x<cols> <dtype>'`` and holds the
-    power-iteration vectors of all same-shaped matrices stacked, so that the
-    per-step work runs once per group, not once per matrix.
+  ``groups`` is keyed by ``'<rows>x<cols> <dtype>'``: a
+  :class:`SpectralGroupState` per shape, so that the per-step work and its
+  outputs run once per group, not once per matrix. None of it is shaped like
+  the params (libraries such as ``nnx.Optimizer`` give param-shaped state the
+  param's sharding).
   """
   count: jax.Array
-  stats: dict[str, jax.Array]
   groups: dict[str, SpectralGroupState]
 
 
@@ -85,7 +92,15 @@ class _Group(NamedTuple):
   cols: int
   dtype: Any
   names: tuple[str, ...]
-  sizes: tuple[int, ...]  # matrices per leaf
+  shapes: tuple[tuple[int, ...], ...]  # batch shape per leaf
+
+  @property
+  def sizes(self) -> tuple[int, ...]:  # matrices per leaf
+    return tuple(math.prod(b) for b in self.shapes)
+
+  @property
+  def leaves(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple(zip(self.names, self.shapes))
 
   @property
   def key(self) -> str:
@@ -100,8 +115,7 @@ def _plan(views: dict[str, _matrices.MatrixView]) -> list[_Group]:
   groups = {}
   for name, view in views.items():
     key = (view.rows, view.cols, jnp.dtype(view.dtype))
-    groups.setdefault(key, []).append(
-        (name, math.prod(view.batch_shape)))
+    groups.setdefault(key, []).append((name, tuple(view.batch_shape)))
   return [_Group(m, n, dtype, tuple(x for x, _ in members),
                  tuple(s for _, s in members))
           for (m, n, dtype), members in groups.items()]
@@ -161,17 +175,19 @@ def _count(name: str, value, default: int):
   return int(v)
 
 
-def _check_state(plan, views, state):
+def _check_state(plan, state):
   """Raises a short ValueError if params differ from those ``init`` saw."""
-  expected = {g.key: (sum(g.sizes), g.long) for g in plan}
-  found = {key: (s.update.shape[0], s.update.shape[-1])
-           for key, s in state.groups.items()}
-  if expected != found or set(views) != set(state.stats):
-    missing = sorted(set(views) ^ set(state.stats))[:3]
+  expected = {g.key: g.leaves for g in plan}
+  found = {key: s.leaves for key, s in state.groups.items()}
+  if expected != found:
+    names = lambda d: {(n, b) for leaves in d.values() for n, b in leaves}
+    odd = sorted(names(expected) ^ names(found))[:3]
     raise ValueError(
         'The bounded matrices of params do not match the optimizer state '
-        f'(groups of matrices: state has {found}, params give {expected}'
-        + (f'; leaves in one but not the other: {missing}' if missing else '')
+        f'(groups of matrices: state has {sorted(found)}, params give '
+        f'{sorted(expected)}'
+        + (f'; (leaf, batch shape) in one but not the other: {odd}'
+           if odd else '')
         + '). Was the state initialised with other params or '
         'dimension_numbers?')
 
@@ -340,20 +356,18 @@ def scale_by_spectral_bound(
       # param-shaped parts of the state. None of ours are: leaves here make
       # it leave ``stats`` and ``groups`` untouched.
       return ScaleBySpectralBoundState(count=jnp.zeros([], jnp.int32),
-                                       stats='not params-shaped',
                                        groups='not params-shaped')
-    views = views_of(params)
-    stats = {name: jnp.broadcast_to(jnp.asarray([0, 0, 1, 0], jnp.float32),
-                                    view.batch_shape + (len(STATS),))
-             for name, view in views.items()}
-    plan = _plan(views)
+    plan = _plan(views_of(params))
     blocks = _initial_blocks(
         seed, tuple((sum(g.sizes), min(block_size, g.rows, g.cols), g.long)
                     for g in plan), tuple(g.dtype for g in plan))
-    groups = {g.key: SpectralGroupState(weight=w, update=u)
+    stats = lambda g: jnp.broadcast_to(
+        jnp.asarray([0, 0, 1, 0], jnp.float32), (sum(g.sizes), len(STATS)))
+    groups = {g.key: SpectralGroupState(weight=w, update=u, stats=stats(g),
+                                        leaves=g.leaves)
               for g, (w, u) in zip(plan, blocks)}
     return ScaleBySpectralBoundState(count=jnp.zeros([], jnp.int32),
-                                     stats=stats, groups=groups)
+                                     groups=groups)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -363,7 +377,7 @@ def scale_by_spectral_bound(
           'update(updates, state, params) with the params before this step.')
     views = views_of(params)
     plan = _plan(views)
-    _check_state(plan, views, state)
+    _check_state(plan, state)
     named = lambda tree: {_matrices.path_name(p): x for p, x in
                           jax.tree_util.tree_flatten_with_path(tree)[0]}
     param_leaves, update_leaves = named(params), named(updates)
@@ -409,7 +423,7 @@ def scale_by_spectral_bound(
     extrapolation = jnp.where(extrapolation >= 0, extrapolation, 0)
     floor = jnp.asarray(weight_floor, jnp.float32)
     floor = jnp.where(floor >= 0, floor, 0)
-    new_stats, new_groups, factors = {}, {}, {}
+    new_groups, factors = {}, {}
     recent_weight = jnp.minimum(count + 1, RECENT_STEPS).astype(jnp.float32)
     for g, s, w, d in zip(plan, states, estimates[:len(plan)],
                           estimates[len(plan):]):
@@ -430,19 +444,16 @@ def scale_by_spectral_bound(
       factor = jnp.where(active, limit / jnp.where(active, sigma_d, 1), 1)
       # In (0, 1] whatever an injected tau is: never reversed, never zero.
       factor = jnp.clip(factor, jnp.finfo(jnp.float32).tiny, 1)
+      recent = s.stats[:, 3]
+      recent = recent + ((factor < 1) - recent) / recent_weight
       new_groups[g.key] = SpectralGroupState(
           weight=w.block.astype(s.weight.dtype),
-          update=d.block.astype(s.update.dtype))
-      recent = jnp.concatenate([state.stats[n][..., 3].reshape(-1)
-                                for n in g.names])
-      recent = recent + ((factor < 1) - recent) / recent_weight
-      packed = jnp.stack([sigma_w, sigma_d, factor, recent],
-                         -1).astype(jnp.float32)
+          update=d.block.astype(s.update.dtype),
+          stats=jnp.stack([sigma_w, sigma_d, factor, recent],
+                          -1).astype(jnp.float32),
+          leaves=s.leaves)
       start = 0
-      for name, size in zip(g.names, g.sizes):
-        shape = views[name].batch_shape
-        new_stats[name] = packed[start:start + size].reshape(
-            shape + (len(STATS),))
+      for name, shape, size in zip(g.names, g.shapes, g.sizes):
         factors[name] = factor[start:start + size].reshape(shape)
         start += size
 
@@ -456,8 +467,7 @@ def scale_by_spectral_bound(
     updates = jax.tree_util.tree_map_with_path(bound_leaf, updates)
     return updates, ScaleBySpectralBoundState(
         count=optax.safe_increment(count),
-        stats={name: new_stats[name] for name in state.stats},
-        groups=new_groups)
+        groups={key: new_groups[key] for key in state.groups})
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -495,17 +505,29 @@ def spectral_stats(opt_state: Any) -> dict[str, jax.Array]:
           for j, field in enumerate(STATS)}
 
 
-def packed_stats(opt_state: Any) -> dict[str, jax.Array]:
+def packed_stats(opt_state: Any, host: bool = False) -> dict[str, Any]:
   """``{'<leaf>': stats}`` with the fields of :data:`STATS` on the last axis:
-  what :func:`spectral_stats` unpacks (one array per leaf, e.g. for a single
-  host transfer)."""
+  what :func:`spectral_stats` unpacks. With ``host=True``, numpy arrays,
+  fetched in one transfer of the groups' arrays (slicing per leaf on the
+  device would dispatch an operation per leaf)."""
   is_state = lambda x: isinstance(x, ScaleBySpectralBoundState)
   found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_state)
            if is_state(x)]
   if not found:
     raise ValueError('opt_state contains no scale_by_spectral_bound state.')
-  names = [name for s in found for name in s.stats]
+  groups = [(i, g) for i, s in enumerate(found) for g in s.groups.values()]
+  names = [name for _, g in groups for name, _ in g.leaves]
   prefix = len(names) != len(set(names))
   # jnp.asarray also unwraps nnx.Variable leaves of nnx.Optimizer.
-  return {f'{i}/{name}' if prefix else name: jnp.asarray(packed)
-          for i, s in enumerate(found) for name, packed in s.stats.items()}
+  arrays = [jnp.asarray(g.stats) for _, g in groups]
+  if host:
+    arrays = [np.asarray(a) for a in jax.device_get(arrays)]
+  out = {}
+  for (i, g), stats in zip(groups, arrays):
+    start = 0
+    for name, shape in g.leaves:
+      size = math.prod(shape)
+      out[f'{i}/{name}' if prefix else name] = stats[
+          start:start + size].reshape(tuple(shape) + (len(STATS),))
+      start += size
+  return out

@@ -135,10 +135,9 @@ def bound_summary(opt_state: Any) -> dict[str, Any]:
 
 
 def _host_stats(opt_state: Any) -> dict[str, dict[str, np.ndarray]]:
-  """``{field: {leaf: values}}`` on the host, in one transfer (slicing each
-  field on the device would dispatch an operation per leaf and field)."""
-  packed = jax.device_get(_transform.packed_stats(opt_state))
-  return {field: {leaf: np.asarray(v)[..., j] for leaf, v in packed.items()}
+  """``{field: {leaf: values}}`` on the host, in one transfer."""
+  packed = _transform.packed_stats(opt_state, host=True)
+  return {field: {leaf: v[..., j] for leaf, v in packed.items()}
           for j, field in enumerate(_transform.STATS)}
 
 
