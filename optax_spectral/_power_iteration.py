@@ -106,25 +106,31 @@ def _trace(g: jax.Array) -> jax.Array:
   return jnp.trace(g, axis1=-2, axis2=-1)
 
 
-def loops_are_cheap() -> bool:
-  """Whether to write repeated work as loops rather than unrolled.
+def launches_are_cheap() -> bool:
+  """Whether the compiled update may spend kernels to save bandwidth.
 
-  On GPUs a loop or branch on device data makes the host wait for the
-  device at every trip, so the iteration is unrolled there, with no control
-  flow after the first step. XLA:CPU runs loops at no such cost, and
-  compiles unrolled code several times slower, so it loops there (True on
-  CPUs; tests patch it to check the accelerators' structure on CPUs). Also,
-  XLA:CPU's YNN fusions (jaxlib 0.10) miscompute the unrolled k×k chain of
-  several groups (σ1 off by orders of magnitude); the loops are exact.
+  On GPUs and TPUs each kernel launch costs microseconds, and a loop or
+  branch on device data makes the host wait for the device at every trip:
+  there the iteration is unrolled (no control flow after the first step),
+  and the matrices of one shape are stacked so that each product is one
+  kernel per shape. XLA:CPU runs loops and kernels at no such cost, but has
+  little memory bandwidth, and compiles unrolled code several times slower:
+  there the iteration loops, and each matrix is multiplied in place (a
+  stacked copy is two more passes over every matrix: update + apply 2.8x
+  adamw's instead of 1.7x for GPT-2 small on 2 cores). True on CPUs; tests
+  patch it to check the accelerators' structure on CPUs. Also, XLA:CPU's
+  YNN fusions (jaxlib 0.10) miscompute the unrolled k×k chain of several
+  groups (σ1 off by orders of magnitude); the loops are exact.
   """
   return jax.default_backend() == 'cpu'
 
 
 def _steps(n: int, body, carry):
   """``carry = body(j, carry)`` for ``j < n``: the k×k arithmetic, a chain
-  of ~25 tiny dependent steps, as a loop or unrolled (:func:`loops_are_cheap`).
+  of ~25 tiny dependent steps, as a loop or unrolled
+  (:func:`launches_are_cheap`).
   """
-  if loops_are_cheap():
+  if launches_are_cheap():
     return jax.lax.fori_loop(0, n, body, carry)
   for j in range(n):
     carry = body(j, carry)
@@ -210,10 +216,14 @@ def _stacked(matrices: Sequence[jax.Array]) -> list[jax.Array]:
   A Python list of 12 layers gives 12 two-dimensional leaves of one shape;
   stacked into one ``(12, m, n)`` copy, each product is one batched kernel
   for the whole run rather than one kernel (and a slice and a copy of the
-  vectors) per matrix. The copies cost peak memory while the step's
-  products run (README, "Cost"). Leaves that are already batches of matrices
-  (e.g. stacked by ``nnx.scan``) are used in place.
+  vectors) per matrix. The copies cost bandwidth, and peak memory while the
+  step's products run (README, "Cost"): where kernels are cheap
+  (:func:`launches_are_cheap`, CPUs), every matrix is used in place. Leaves
+  that are already batches of matrices (e.g. stacked by ``nnx.scan``) are
+  used in place everywhere.
   """
+  if launches_are_cheap():
+    return list(matrices)
   explicit = _explicit_mesh()
   # Under an Explicit mesh, only matrices of one sharding can be stacked.
   spec = lambda x: tuple(jax.typeof(x).sharding.spec) if explicit else None

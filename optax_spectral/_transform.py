@@ -386,7 +386,7 @@ def scale_by_spectral_bound(
     count = state.count
     steady = [num_iterations_weight] * len(plan) + [
         num_iterations] * len(plan)
-    if not _power_iteration.loops_are_cheap() and all(
+    if not _power_iteration.launches_are_cheap() and all(
         isinstance(n, int) for n in steady + [num_iterations_first]):
       # Later steps unroll their iterations (no control flow); the first
       # step's extra iterations run in one branch for the whole model.

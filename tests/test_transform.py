@@ -42,7 +42,7 @@ def test_accelerator_structure_matches_exact_svd(rng, monkeypatch):
   """On GPUs and TPUs the iterations are unrolled and the first step's extra
   ones run in a lax.cond (CPUs run one loop): the same bound, on the first
   step (cold start) and later ones (warm start)."""
-  monkeypatch.setattr(_power_iteration, 'loops_are_cheap', lambda: False)
+  monkeypatch.setattr(_power_iteration, 'launches_are_cheap', lambda: False)
   tau, w = 0.1, planted(rng, (24, 10), top=2.0)
   tx = optax_spectral.scale_by_spectral_bound(tau)
   params = {'w': jnp.asarray(w, jnp.float32)}
