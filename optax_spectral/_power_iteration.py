@@ -431,8 +431,11 @@ def iterate_groups(
     trips = counts[0]
     for n in counts[1:]:
       trips = jnp.maximum(trips, n)
-    carry = jax.lax.fori_loop(0, trips,
-                              lambda i, c: body(i, c, counts), carry)
+    # One count for all groups (the same object): no group stops early, so
+    # none needs its carry selected at every trip.
+    same = all(n is num_iterations[0] for n in num_iterations)
+    carry = jax.lax.fori_loop(
+        0, trips, lambda i, c: body(i, c, None if same else counts), carry)
   if cold_start is not None:
     # After the steady iterations, not before: XLA:GPU makes the host wait
     # for the device at a branch, and then launch what follows it one kernel

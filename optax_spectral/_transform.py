@@ -396,7 +396,11 @@ def scale_by_spectral_bound(
       # One loop for the first step and later ones: on CPUs, where the
       # iteration then compiles once rather than twice (unrolled, and in the
       # first step's branch); and for traced counts (inject_hyperparams).
-      steady = [jnp.where(count == 0, num_iterations_first, n)
+      first = {}  # one traced count per distinct value (see iterate_groups)
+      steady = [first.setdefault(n, jnp.where(count == 0,
+                                              num_iterations_first, n))
+                if isinstance(n, int) else
+                jnp.where(count == 0, num_iterations_first, n)
                 for n in steady]
       cold_start = None
     # One call for every matrix, W and Δ alike: the k×k work of each
