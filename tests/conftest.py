@@ -16,6 +16,14 @@ if 'xla_force_host_platform_device_count' not in os.environ.get(
 # default level (.ci/run); XLA_FLAGS that set a level win.
 if 'xla_backend_optimization_level' not in os.environ['XLA_FLAGS']:
   os.environ['XLA_FLAGS'] += ' --xla_backend_optimization_level=0'
+# XLA:CPU's MLIR fusion emitters spend ~14 ms compiling each fusion, which
+# for these tiny programs is most of a compile; its older LLVM IR emitters
+# compile them about twice as fast (adamw2's update on a 2-layer model:
+# 2.6 -> 1.3 s). Same HLO and the same fusions; floats may differ in the
+# last bits (FMA contraction). CI's level-3 run keeps the default emitters.
+if 'xla_cpu_use_fusion_emitters' not in os.environ['XLA_FLAGS'] and (
+    'xla_backend_optimization_level=0' in os.environ['XLA_FLAGS']):
+  os.environ['XLA_FLAGS'] += ' --xla_cpu_use_fusion_emitters=false'
 
 # Compiled programs are shared by all tests of a run (both xdist workers and
 # subprocesses inherit the directory): several tests compile the same train
