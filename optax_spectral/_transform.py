@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import importlib.util
 import math
 from typing import Any, NamedTuple
 
@@ -71,6 +72,29 @@ class SpectralGroupState:
   update: jax.Array
   stats: jax.Array
   leaves: tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def _register_with_flax_serialization() -> None:
+  """Lets ``flax.serialization`` (``to_bytes``, ``from_bytes``, the legacy
+  ``flax.training.checkpoints``) save and restore the group state, which it
+  does not know as a pytree node: its ``leaves`` stay the target's. Done at
+  the first ``init`` if flax is installed (importing it costs ~0.4 s, which
+  users without flax do not pay)."""
+  if getattr(_register_with_flax_serialization, 'done', False):
+    return
+  _register_with_flax_serialization.done = True
+  if importlib.util.find_spec('flax') is None:
+    return
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  fields = ('weight', 'update', 'stats')
+  serialization.register_serialization_state(
+      SpectralGroupState,
+      lambda g: {f: serialization.to_state_dict(getattr(g, f))
+                 for f in fields},
+      lambda g, state: dataclasses.replace(g, **{
+          f: serialization.from_state_dict(getattr(g, f), state[f], name=f)
+          for f in fields}),
+      override=True)
 
 
 class ScaleBySpectralBoundState(NamedTuple):
@@ -357,6 +381,7 @@ def scale_by_spectral_bound(
       # it leave ``stats`` and ``groups`` untouched.
       return ScaleBySpectralBoundState(count=jnp.zeros([], jnp.int32),
                                        groups='not params-shaped')
+    _register_with_flax_serialization()
     plan = _plan(views_of(params))
     blocks = _initial_blocks(
         seed, tuple((sum(g.sizes), min(block_size, g.rows, g.cols), g.long)
