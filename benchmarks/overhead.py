@@ -107,9 +107,11 @@ def param_trees(quick: bool, accelerator: bool = True):
 def hlo_counts(text: str) -> dict:
   """Kernel-launch proxies from compiled HLO text (every computation once).
 
-  ``kernels``: fusions + custom calls + copies; ``products``: those that are
-  matrix products (a fusion around a dot, a dot, a GEMM custom call);
-  ``solver_calls``: custom calls into LAPACK/cuSOLVER.
+  ``kernels``: fusions, custom calls, copies and unfused matrix products
+  (``dot``, ``convolution``) outside fused computations; ``products``: those
+  that are matrix products (a fusion around a dot, a dot, a GEMM custom
+  call); ``solver_calls``: custom calls into LAPACK/cuSOLVER. The bodies of
+  fusions are not kernels of their own and are not counted.
   """
   bodies, name = {}, None
   for line in text.splitlines():
@@ -118,12 +120,18 @@ def hlo_counts(text: str) -> dict:
       bodies[name] = []
     elif name is not None and line.startswith(' '):
       bodies[name].append(line)
-  with_dot = {n for n, b in bodies.items()
-              if any(re.search(r'\s(dot|convolution)\(', l) for l in b)}
+  product = lambda l: re.search(r'\s(dot|convolution)\(', l)
+  with_dot = {n for n, b in bodies.items() if any(product(l) for l in b)}
+  fused = {m.group(1) for b in bodies.values() for l in b
+           if re.search(r'\sfusion\(', l)
+           for m in [re.search(r'calls=%?([\w.\-]+)', l)] if m}
   counts = {'kernels': 0, 'products': 0, 'solver_calls': []}
-  for body in bodies.values():
+  for name, body in bodies.items():
+    if name in fused:
+      continue
     for line in body:
-      op = re.search(r'\s(fusion|custom-call|copy|copy-start)\(', line)
+      op = re.search(
+          r'\s(fusion|custom-call|copy|copy-start|dot|convolution)\(', line)
       if not op:
         continue
       target = re.search(r'custom_call_target="([^"]+)"', line)
@@ -131,7 +139,9 @@ def hlo_counts(text: str) -> dict:
       callee = re.search(r'calls=%?([\w.\-]+)', line)
       counts['kernels'] += 1
       counts['products'] += bool(
-          (callee and callee.group(1) in with_dot)
+          op.group(1) in ('dot', 'convolution')
+          or (op.group(1) == 'fusion' and callee
+              and callee.group(1) in with_dot)
           or any(t in target for t in ('gemm', 'matmul', 'dot')))
       if any(t in target for t in SOLVER_TARGETS):
         counts['solver_calls'].append(target)
