@@ -62,8 +62,9 @@ def test_cost_grows_by_products_only():
   # The CPU's structure (launches_are_cheap): each matrix is multiplied in
   # place, so per matrix come four products and a few small kernels: the
   # slices of its two blocks, the scaled update, Adam's step written out for
-  # the products. Measured 6.0 on XLA:CPU 0.10 and 0.8 (products: 51 -> 83);
-  # it was 83 with per-matrix solver calls. The accelerators' structure: the slow test below.
+  # the products. Measured 6.0 on XLA:CPU 0.10 (products: 51 -> 83); it was
+  # 83 with per-matrix solver calls. The accelerators' structure: the slow
+  # test below.
   per_matrix, products = _growth((2, 4))
   assert per_matrix <= 8, per_matrix
   assert products[4] > products[2]
