@@ -145,6 +145,18 @@ def _plan(views: dict[str, _matrices.MatrixView]) -> list[_Group]:
           for (m, n, dtype), members in groups.items()]
 
 
+def _per_leaf(rows, leaves) -> dict[str, Any]:
+  """A group's stacked rows ``(matrices, ...)`` split back per leaf:
+  ``{name: batch_shape + rest}``, ``leaves`` as in
+  :attr:`SpectralGroupState.leaves`."""
+  out, start = {}, 0
+  for name, shape in leaves:
+    size = math.prod(shape)
+    out[name] = rows[start:start + size].reshape(tuple(shape) + rows.shape[1:])
+    start += size
+  return out
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _initial_blocks(seed, shapes: tuple[tuple[int, int, int], ...],
                     dtypes: tuple) -> list[tuple[jax.Array, jax.Array]]:
@@ -481,10 +493,7 @@ def scale_by_spectral_bound(
           stats=jnp.stack([sigma_w, sigma_d, factor, recent],
                           -1).astype(jnp.float32),
           leaves=s.leaves)
-      start = 0
-      for name, shape, size in zip(g.names, g.shapes, g.sizes):
-        factors[name] = factor[start:start + size].reshape(shape)
-        start += size
+      factors.update(_per_leaf(factor, g.leaves))
 
     def bound_leaf(path, update):
       name = _matrices.path_name(path)
@@ -551,12 +560,6 @@ def packed_stats(opt_state: Any, host: bool = False) -> dict[str, Any]:
   arrays = [jnp.asarray(g.stats) for _, g in groups]
   if host:
     arrays = [np.asarray(a) for a in jax.device_get(arrays)]
-  out = {}
-  for (i, g), stats in zip(groups, arrays):
-    start = 0
-    for name, shape in g.leaves:
-      size = math.prod(shape)
-      out[f'{i}/{name}' if prefix else name] = stats[
-          start:start + size].reshape(tuple(shape) + (len(STATS),))
-      start += size
-  return out
+  return {f'{i}/{name}' if prefix else name: packed
+          for (i, g), stats in zip(groups, arrays)
+          for name, packed in _per_leaf(stats, g.leaves).items()}
