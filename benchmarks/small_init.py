@@ -1,14 +1,15 @@
 """Is adamw2 neutral where AdamW is fine, whatever the init scale?
 
-    python benchmarks/small_init.py            # ~70 minutes on 2 CPU cores
+    python benchmarks/small_init.py            # ~90 minutes on 2 CPU cores
     python benchmarks/small_init.py --quick    # ~1 minute, what CI runs
 
 A bound relative to σ1(W) throttles a matrix that starts small: with
 ``tau=0.02`` it may grow by 2% of its small self per step. Grid: init scale
 (variance-preserving LeCun normal, std 0.02 as in GPT-2/ViT, std 0.01) x
 peak learning rate x {adamw, adamw + warmup, adamw2 with the paper's rule
-(``weight_floor=0``), adamw2 with its default floor} x seeds, on the GPT and
-ViT examples. Each finished run is appended to ``<out>.jsonl`` at once and
+(``weight_floor=0, ramp_steps=0``), adamw2 with a constant floor
+(``ramp_steps=0``, the default before the ramp), adamw2 default (floor and
+ramp)} x seeds, on the GPT and ViT examples. Each finished run is appended to ``<out>.jsonl`` at once and
 skipped when the command is run again, so an interrupted sweep resumes.
 Writes benchmarks/results/small_init.{md,json,png}.
 """
@@ -31,11 +32,12 @@ INITS = {'lecun': None, 'std 0.02': 0.02, 'std 0.01': 0.01}
 
 
 def settings(warmup):
-  """(label, optimizer, warmup steps, weight_floor)."""
-  return [('adamw', 'adamw', 0, None),
-          (f'adamw + {warmup} warmup', 'adamw', warmup, None),
-          ('adamw2 paper rule (weight_floor=0)', 'adamw2', 0, 0.0),
-          ('adamw2 (default)', 'adamw2', 0, None)]
+  """(label, optimizer, warmup steps, weight_floor, ramp_steps)."""
+  return [('adamw', 'adamw', 0, None, None),
+          (f'adamw + {warmup} warmup', 'adamw', warmup, None, None),
+          ('adamw2 paper rule (weight_floor=0)', 'adamw2', 0, 0.0, 0),
+          ('adamw2 constant floor (ramp_steps=0)', 'adamw2', 0, None, 0),
+          ('adamw2 (default)', 'adamw2', 0, None, None)]
 
 
 def key(r):
@@ -166,7 +168,8 @@ def main(argv=None):
           for task in args.tasks for init in args.inits for row in rows
           for lr in lrs]
   runs, t0 = [], time.time()
-  for i, (task, init, (label, name, w, floor), lr, seed) in enumerate(todo):
+  for i, (task, init, (label, name, w, floor, ramp), lr, seed) in enumerate(
+      todo):
     if (task, init, label, lr, seed) in done:
       runs.append(done[(task, init, label, lr, seed)])
       continue
@@ -174,7 +177,7 @@ def main(argv=None):
       continue
     r = stability.run_one(task, name, w, None, lr, seed, steps, preset,
                           data[task], init_std=INITS[init],
-                          weight_floor=floor)
+                          weight_floor=floor, ramp_steps=ramp)
     r.update(init=init, setting=label, steps=steps, preset=preset)
     runs.append(r)
     with open(args.out + '.jsonl', 'a') as f:

@@ -158,6 +158,7 @@ class OptimizerConfig:
   weight_decay: float = 0.1
   tau: float | None = None     # None: the library default
   weight_floor: float | None = None  # None: the library default
+  ramp_steps: int | None = None  # None: the library default (1 / tau)
   b2: float = 0.95
 
 
@@ -194,7 +195,8 @@ def make_optimizer(cfg: OptimizerConfig, model: nnx.Module,
                        mask=decay)
   if cfg.name == 'adamw2':
     given = {k: v for k, v in [('tau', cfg.tau),
-                               ('weight_floor', cfg.weight_floor)]
+                               ('weight_floor', cfg.weight_floor),
+                               ('ramp_steps', cfg.ramp_steps)]
              if v is not None}
     return optax_spectral.adamw2(lr, b2=cfg.b2, weight_decay=cfg.weight_decay,
                                  mask=decay, dimension_numbers=dims,

@@ -28,6 +28,7 @@ def adamw2(
     max_extrapolation: jax.typing.ArrayLike = (
         _transform.DEFAULT_MAX_EXTRAPOLATION),
     weight_floor: jax.typing.ArrayLike = _transform.DEFAULT_WEIGHT_FLOOR,
+    ramp_steps: jax.typing.ArrayLike | None = None,
     dimension_numbers: _matrices.DimensionNumbersOrFn = None,
     bound_vectors: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -72,6 +73,10 @@ def adamw2(
       variance-preserving random matrix of its shape, so that small-init
       matrices are not throttled (see :func:`scale_by_spectral_bound`);
       ``0`` is the paper's rule.
+    ramp_steps: over this many first steps the floor, and the steps of the
+      leaves the bound does not cover (biases, norm scales), ramp in
+      linearly; ``None``: ``1 / tau`` (50 steps); ``0``: no ramp (see
+      :func:`scale_by_spectral_bound`).
     dimension_numbers: which axes of each leaf form a matrix; see
       :func:`scale_by_spectral_bound` and :func:`bounded_leaves`.
     bound_vectors: also bound 1-D leaves by their L2 norm.
@@ -105,7 +110,7 @@ def adamw2(
           num_iterations_first=num_iterations_first,
           num_iterations_weight=num_iterations_weight, block_size=block_size,
           max_extrapolation=max_extrapolation, weight_floor=weight_floor,
-          dimension_numbers=dimension_numbers, bound_vectors=bound_vectors),
+          ramp_steps=ramp_steps, dimension_numbers=dimension_numbers, bound_vectors=bound_vectors),
   )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -144,7 +149,8 @@ def from_adamw_state(adamw_state: Any, tx: optax.GradientTransformation,
 
   Switching a running job from ``optax.adamw`` to ``adamw2``: Adam's moments
   and step count carry over, and the bound starts fresh (its first step runs
-  the cold-start iterations). Do not restore an ``optax.adamw`` checkpoint
+  the cold-start iterations, and its ramp starts again: build ``tx`` with
+  ``ramp_steps=0`` to continue at full step size). Do not restore an ``optax.adamw`` checkpoint
   into an ``adamw2`` state directly: ``adamw2``'s state is one level deeper
   (``(adamw state, bound state)``), so ``flax.training.checkpoints`` would
   silently restore zeroed moments and orbax refuses the structure.

@@ -238,6 +238,7 @@ def scale_by_spectral_bound(
     block_size: int | None = None,
     max_extrapolation: jax.typing.ArrayLike = DEFAULT_MAX_EXTRAPOLATION,
     weight_floor: jax.typing.ArrayLike = DEFAULT_WEIGHT_FLOOR,
+    ramp_steps: jax.typing.ArrayLike | None = None,
     dimension_numbers: _matrices.DimensionNumbersOrFn = None,
     bound_vectors: bool = False,
     seed: int = 0,
@@ -305,6 +306,21 @@ def scale_by_spectral_bound(
   everywhere. Weyl's inequality still bounds each step: σ1 grows by at most
   ``tau`` times the larger of σ1(W) and the floor.
 
+  The first steps: over ``ramp_steps`` steps (default ``1 / tau``, 50 at
+  the default tau) the floor ramps in linearly, ``(t + 1) / ramp_steps`` of
+  it on step ``t``, and so does the step of every leaf the bound does not
+  cover (biases, norm scales, embedding-like tables left out by
+  ``dimension_numbers``). Adam's first steps move every entry by about the
+  learning rate, whatever its gradient's signal: in a small-init model such
+  steps let zero-init biases and position tables drown the small ``W x``
+  (a ViT at std 0.02 stays at chance for 100 steps, then its attention
+  collapses), and let the floored matrices leave their small init faster
+  than AdamW with warmup would. At a standard init the matrices are above
+  their floor from the start, so only the uncovered leaves feel the ramp.
+  It is the bound's own time scale, not a warmup to tune: ``1 / tau`` steps
+  is how long a matrix takes to grow by ``e`` under the bound.
+  ``ramp_steps=0`` turns it off (the rule of earlier versions).
+
   Guards: with ``weight_floor=0``, a matrix with ``σ1(W) = 0`` is not bounded
   on that step, as in optax's trust ratio, so it can still move; ``σ1(Δ) = 0``
   gives factor 1; a non-finite step leaves the persistent vectors unchanged.
@@ -335,6 +351,9 @@ def scale_by_spectral_bound(
     weight_floor: the σ1(W) in the bound is at least this times σ1 of a
       variance-preserving random matrix of the same shape, ``1 + sqrt(cols /
       rows)``; ``0`` is the paper's rule. Default 1. May be injected.
+    ramp_steps: steps over which the floor, and the steps of the leaves the
+      bound does not cover, ramp in linearly from ``1 / ramp_steps``;
+      ``None`` (default): ``1 / tau``; ``0``: no ramp. May be injected.
     dimension_numbers: which axes of each leaf form the matrix:
       ``None`` (default: 2-D leaves are matrices; leaves with more dimensions
       are batches of matrices over their last two axes; 0-D and 1-D leaves
@@ -368,6 +387,8 @@ def scale_by_spectral_bound(
   _check_positive('tau', tau)
   _check_positive('max_extrapolation', max_extrapolation, allow_zero=True)
   _check_positive('weight_floor', weight_floor, allow_zero=True)
+  if ramp_steps is not None:
+    _check_positive('ramp_steps', ramp_steps, allow_zero=True)
   num_iterations = _count('num_iterations', num_iterations,
                           DEFAULT_NUM_ITERATIONS)
   num_iterations_first = _count('num_iterations_first', num_iterations_first,
@@ -464,6 +485,14 @@ def scale_by_spectral_bound(
     extrapolation = jnp.where(extrapolation >= 0, extrapolation, 0)
     floor = jnp.asarray(weight_floor, jnp.float32)
     floor = jnp.where(floor >= 0, floor, 0)
+    # The ramp of the first steps, in (0, 1]: 1 once count + 1 >= its length;
+    # 1 throughout for a length <= 0 or NaN (no ramp).
+    length = 1 / tau_ if ramp_steps is None else jnp.asarray(ramp_steps,
+                                                              jnp.float32)
+    ramp = jnp.where(length > 0, jnp.minimum(
+        1, (count + 1).astype(jnp.float32) / jnp.where(length > 0, length, 1)),
+                     1)
+    floor = floor * ramp
     new_groups, factors = {}, {}
     recent_weight = jnp.minimum(count + 1, RECENT_STEPS).astype(jnp.float32)
     for g, s, w, d in zip(plan, states, estimates[:len(plan)],
@@ -497,8 +526,10 @@ def scale_by_spectral_bound(
 
     def bound_leaf(path, update):
       name = _matrices.path_name(path)
-      if name not in factors:
-        return update
+      if name not in factors:  # not covered by the bound: ramped
+        if not jnp.issubdtype(update.dtype, jnp.floating):
+          return update
+        return (update * ramp).astype(update.dtype)
       factor = views[name].broadcastable(factors[name], update.ndim)
       return (update * factor).astype(update.dtype)
 

@@ -49,9 +49,9 @@ def test_small_init_sweep_resumes_and_reports(tmp_path, monkeypatch):
   calls = []
 
   def fake_run(task, name, warmup, tau, lr, seed, steps, preset, data,
-               init_std, weight_floor):
+               init_std, weight_floor, ramp_steps):
     del tau, data
-    calls.append((name, warmup, weight_floor, init_std, lr, seed))
+    calls.append((name, warmup, weight_floor, ramp_steps, init_std, lr, seed))
     if len(calls) == 3:
       raise KeyboardInterrupt  # the sweep is stopped during its third run
     active = 0.0 if name == 'adamw' else 0.5
@@ -69,23 +69,24 @@ def test_small_init_sweep_resumes_and_reports(tmp_path, monkeypatch):
   with open(out + '.jsonl') as f:
     assert len(f.read().splitlines()) == 2
   runs = small_init.main(argv)
-  # Runs 1 and 2 were kept; 3 was run again, then 4.
-  assert [c[:3] for c in calls] == [
-      ('adamw', 0, None), ('adamw', 10, None), ('adamw2', 0, 0.0),
-      ('adamw2', 0, 0.0), ('adamw2', 0, None)]
-  assert all(c[3] == 0.01 and c[5] == 0 for c in calls)
+  # Runs 1 and 2 were kept; 3 was run again, then 4 and 5.
+  assert [c[:4] for c in calls] == [
+      ('adamw', 0, None, None), ('adamw', 10, None, None),
+      ('adamw2', 0, 0.0, 0), ('adamw2', 0, 0.0, 0), ('adamw2', 0, None, 0),
+      ('adamw2', 0, None, None)]
+  assert all(c[4] == 0.01 and c[6] == 0 for c in calls)
   assert [r['setting'] for r in runs] == [
       'adamw', 'adamw + 10 warmup', 'adamw2 paper rule (weight_floor=0)',
-      'adamw2 (default)']
-  assert [r['score'] for r in runs] == [2.01, 2.02, 2.04, 2.05]
+      'adamw2 constant floor (ramp_steps=0)', 'adamw2 (default)']
+  assert [r['score'] for r in runs] == [2.01, 2.02, 2.04, 2.05, 2.06]
   with open(out + '.md') as f:
     report = f.read()
-  assert '| std 0.01 | adamw2 (default) | 2.050 (0/1) [50%/50%/50%] |' in (
+  assert '| std 0.01 | adamw2 (default) | 2.060 (0/1) [50%/50%/50%] |' in (
       report), report
   for ext in ('md', 'json', 'png', 'jsonl'):
     assert os.path.getsize(f'{out}.{ext}') > 100
   again = small_init.main(argv + ['--report-only'])
-  assert len(calls) == 5 and again == runs
+  assert len(calls) == 6 and again == runs
 
 
 @pytest.mark.slow
@@ -97,7 +98,7 @@ def test_small_init_quick_mode_writes_results_and_resumes(tmp_path):
   runs = small_init.main(argv)
   assert [r['setting'] for r in runs] == [
       'adamw', 'adamw + 10 warmup', 'adamw2 paper rule (weight_floor=0)',
-      'adamw2 (default)']
+      'adamw2 constant floor (ramp_steps=0)', 'adamw2 (default)']
   # The paper's rule shrinks a std-0.01 model's steps at least as often as
   # the floored rule, and plain AdamW never.
   thirds = {r['setting']: r['bound_active_thirds'] for r in runs}
@@ -109,3 +110,45 @@ def test_small_init_quick_mode_writes_results_and_resumes(tmp_path):
   # A second call finds every run in the .jsonl and trains nothing.
   again = small_init.main(argv + ['--report-only'])
   assert [r['score'] for r in again] == [r['score'] for r in runs]
+
+
+def test_warmup_parts_split_the_vits_params():
+  """Each param of the ViT is in exactly one of matrices, biases, norms and
+  tables, and 'uncovered' is everything adamw2 does not bound; the warmup
+  is multiplied into that part's steps only."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import optax_spectral  # pylint: disable=g-import-not-at-top
+  import warmup_parts  # pylint: disable=g-import-not-at-top
+  with jax.set_mesh(warmup_parts.common.make_mesh()):
+    model = warmup_parts.vit.ViT(warmup_parts.vit.PRESETS['tiny'],
+                                 nnx.Rngs(0))
+  dims = warmup_parts.common.dimension_numbers(model)
+  is_leaf = lambda x: x is None or isinstance(
+      x, optax_spectral.SpectralDimensionNumbers)
+  leaves = [(jax.tree_util.keystr(p), s is not None) for p, s in
+            jax.tree_util.tree_flatten_with_path(dims, is_leaf=is_leaf)[0]]
+  parts = ('matrices', 'biases', 'norms', 'tables')
+  for name, bounded in leaves:
+    assert sum(warmup_parts.in_part(p, name, bounded) for p in parts) == 1, (
+        name)
+    assert warmup_parts.in_part('uncovered', name, bounded) == (not bounded)
+  assert {p for p in parts for n, b in leaves
+          if warmup_parts.in_part(p, n, b)} == set(parts)
+  # The biases' steps are 0 on the first step (count 0) and Adam's after.
+  cfg = warmup_parts.common.OptimizerConfig(name='adamw2', lr=1e-2,
+                                            steps=10**6)  # lr ~constant
+  tx = warmup_parts.warmed_up('biases', 2)(cfg, model)
+  params = nnx.state(model, nnx.Param)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  for step in range(3):
+    updates, state = tx.update(grads, state, params)
+    flat = {jax.tree_util.keystr(p): x for p, x in
+            jax.tree_util.tree_flatten_with_path(updates)[0]}
+    bias = [x for n, x in flat.items() if "['fc']['bias']" in n][0]
+    norm = [x for n, x in flat.items() if "['ln1']['scale']" in n][0]
+    np.testing.assert_allclose(np.abs(bias), 1e-2 * min(1, step / 2),
+                               rtol=1e-3)
+    np.testing.assert_allclose(np.abs(norm), 1e-2, rtol=1e-3)

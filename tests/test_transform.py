@@ -11,7 +11,7 @@ import pytest
 import optax_spectral
 from optax_spectral import _power_iteration
 from optax_spectral import SpectralDimensionNumbers as D
-from conftest import allowed, floor_sigma, planted, sigma1
+from conftest import allowed, floor_sigma, planted, ramp, sigma1
 
 
 def _one_step(tx, updates, params):
@@ -23,13 +23,13 @@ def _one_step(tx, updates, params):
 @pytest.mark.parametrize('step_scale', [0.01, 1.0])
 def test_factor_matches_exact_svd(rng, shape, step_scale):
   # σ1(W) = 2: above the floor for 24 x 10 (1.65), below it for 10 x 24
-  # (2.55), where the floor sets the bound.
+  # (2.55), where the floor (no ramp here) sets the bound.
   w = planted(rng, shape, top=2.0)
   d = planted(rng, shape, top=3.0) * step_scale
   tau = 0.1
-  out, state = _one_step(optax_spectral.scale_by_spectral_bound(tau),
-                         {'w': jnp.asarray(d, jnp.float32)},
-                         {'w': jnp.asarray(w, jnp.float32)})
+  out, state = _one_step(
+      optax_spectral.scale_by_spectral_bound(tau, ramp_steps=0),
+      {'w': jnp.asarray(d, jnp.float32)}, {'w': jnp.asarray(w, jnp.float32)})
   factor = min(1.0, allowed(w, tau) / sigma1(d))
   np.testing.assert_allclose(out['w'], d * factor, rtol=1e-4, atol=1e-7)
   stats = optax_spectral.spectral_stats(state)
@@ -100,13 +100,20 @@ def test_flattened_axes(rng):
 def test_vectors_pass_through_unless_asked(rng):
   params = {'b': jnp.ones(5), 's': jnp.asarray(2.0)}
   updates = {'b': jnp.full(5, 10.0), 's': jnp.asarray(5.0)}
-  out, _ = _one_step(optax_spectral.scale_by_spectral_bound(0.1), updates,
-                     params)
+  out, _ = _one_step(
+      optax_spectral.scale_by_spectral_bound(0.1, ramp_steps=0), updates,
+      params)
   np.testing.assert_array_equal(out['b'], updates['b'])
   np.testing.assert_array_equal(out['s'], updates['s'])
+  # The default ramp (1 / tau = 10 steps) scales the first step of every
+  # leaf the bound does not cover by 1/10.
+  out, _ = _one_step(optax_spectral.scale_by_spectral_bound(0.1), updates,
+                     params)
+  np.testing.assert_allclose(out['b'], np.full(5, 1.0), rtol=1e-6)
+  np.testing.assert_allclose(out['s'], 0.5, rtol=1e-6)
   out, _ = _one_step(
-      optax_spectral.scale_by_spectral_bound(0.1, bound_vectors=True),
-      updates, params)
+      optax_spectral.scale_by_spectral_bound(0.1, bound_vectors=True,
+                                             ramp_steps=0), updates, params)
   # 1-D leaves as 1 x n matrices: σ1 is the L2 norm, here sqrt(5), below
   # the floor of a 1 x 5 matrix, 1 + sqrt(5); 0-D still passes.
   np.testing.assert_allclose(out['b'], updates['b'] * 0.1 * (1 + np.sqrt(5))
@@ -117,7 +124,8 @@ def test_vectors_pass_through_unless_asked(rng):
 def _numpy_adamw2(w, grads, lr, tau, b1=0.9, b2=0.999, eps=1e-8, wd=1e-4,
                   weight_floor=1.0):
   """AdamW with the exact AdamW² bound, in float64: the step's σ1 is at most
-  tau * max(σ1(W), weight_floor * (1 + sqrt(cols / rows)))."""
+  tau * max(σ1(W), weight_floor * (1 + sqrt(cols / rows)) * r), r ramping
+  from tau to 1 by tau per step."""
   m = np.zeros_like(w)
   v = np.zeros_like(w)
   factors = []
@@ -127,6 +135,7 @@ def _numpy_adamw2(w, grads, lr, tau, b1=0.9, b2=0.999, eps=1e-8, wd=1e-4,
     step = -lr * ((m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
                   + wd * w)
     floor = weight_floor * (1 + np.sqrt(w.shape[1] / w.shape[0]))
+    floor *= min(1.0, t * tau)
     factor = min(1.0, tau * max(sigma1(w), floor) / sigma1(step))
     factors.append(factor)
     w = w + factor * step
@@ -196,7 +205,8 @@ def test_both_placements_give_the_same_update(rng, schedule):
 
 def test_random_direction_gradients_stay_within_ten_percent(rng):
   """Default settings: applied σ1(Δ) <= 1.1 times the allowed step after the
-  fifth step (a small init: the floor sets the bound)."""
+  fifth step (a small init: the ramping floor sets the bound, then the full
+  floor after step 50)."""
   tau = inspect.signature(optax_spectral.adamw2).parameters['tau'].default
   shapes = {'square': (96, 96), 'wide': (64, 160), 'tall': (160, 64)}
   params = {k: jnp.asarray(rng.normal(size=s) * 0.02, jnp.float32)
@@ -205,12 +215,12 @@ def test_random_direction_gradients_stay_within_ten_percent(rng):
   state = tx.init(params)
   update = jax.jit(tx.update)
   ratios = {k: [] for k in shapes}
-  for _ in range(25):
+  for step in range(60):
     g = {k: jnp.asarray(rng.normal(size=s), jnp.float32)
          for k, s in shapes.items()}
     u, state = update(g, state, params)
     for k in shapes:
-      ratios[k].append(sigma1(u[k]) / allowed(params[k], tau))
+      ratios[k].append(sigma1(u[k]) / allowed(params[k], tau, step=step))
     params = optax.apply_updates(params, u)
   for k, r in ratios.items():
     assert max(r[5:]) <= 1.1, (k, max(r[5:]))
@@ -239,7 +249,7 @@ def test_small_and_zero_matrices_move_at_the_floor(rng, weight_floor):
   updates = {'small': jnp.asarray(d, jnp.float32),
              'zero': jnp.asarray(d, jnp.float32)}
   out, state = _one_step(optax_spectral.scale_by_spectral_bound(
-      tau, weight_floor=weight_floor), updates, params)
+      tau, weight_floor=weight_floor, ramp_steps=0), updates, params)
   limit = tau * max(sigma1(w), weight_floor * (1 + np.sqrt(96 / 32)))
   # The first step's 20 iterations from a random start underestimate a
   # random matrix's σ1 (close top singular values) by up to a few percent:
@@ -250,6 +260,35 @@ def test_small_and_zero_matrices_move_at_the_floor(rng, weight_floor):
   np.testing.assert_allclose(sigma1(out['zero']), zero_limit, rtol=1e-3)
   with pytest.raises(ValueError, match='weight_floor'):
     optax_spectral.adamw2(1e-3, weight_floor=-1.0)
+
+
+@pytest.mark.parametrize('ramp_steps', [None, 4])
+def test_first_steps_ramp_the_floor_and_the_uncovered_leaves(rng, ramp_steps):
+  """Over the ramp (1 / tau steps by default) a zero matrix may step tau
+  times (t + 1) / length of its floor, and a bias moves as optax.adamw's
+  times (t + 1) / length; both at full size after it."""
+  tau, shape = 0.1, (8, 6)
+  length = 1 / tau if ramp_steps is None else ramp_steps
+  params = {'w': jnp.zeros(shape), 'b': jnp.zeros(6)}
+  # Converged estimates (3 iterations of a 6-column block on 8 x 6 steps, no
+  # extrapolation), so that only the rule is compared.
+  tx = optax_spectral.adamw2(1.0, tau=tau, ramp_steps=ramp_steps,
+                             num_iterations=3, max_extrapolation=0.0)
+  ref = optax.adamw(1.0)
+  state, ref_state = tx.init(params), ref.init(params)
+  for step in range(12):
+    g = {'w': jnp.asarray(rng.normal(size=shape), jnp.float32),
+         'b': jnp.asarray(rng.normal(size=6), jnp.float32)}
+    u, state = jax.jit(tx.update)(g, state, params)
+    r, ref_state = ref.update(g, ref_state, params)
+    np.testing.assert_allclose(u['b'], r['b'] * ramp(step, length),
+                               rtol=1e-5)
+    # Zero W: the bound is tau times the ramped floor, far below Adam's step.
+    np.testing.assert_allclose(
+        sigma1(u['w']), tau * floor_sigma(shape) * ramp(step, length),
+        rtol=1e-3)
+  with pytest.raises(ValueError, match='ramp_steps'):
+    optax_spectral.adamw2(1e-3, ramp_steps=-1)
 
 
 def test_bounded_recent_is_the_fraction_of_recent_steps_bounded():
