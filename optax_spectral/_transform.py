@@ -289,9 +289,9 @@ def scale_by_spectral_bound(
 
   Settings that shape the state or the compiled graph default to ``None``, so
   that ``optax.inject_hyperparams(scale_by_spectral_bound)`` (or of
-  :func:`adamw2`) injects only ``tau``, ``max_extrapolation`` and
-  ``weight_floor`` (and adamw2's numbers), which may then be changed during
-  training. A ``block_size`` given explicitly to an injected optimizer must
+  :func:`adamw2`) injects only ``tau``, ``max_extrapolation``,
+  ``weight_floor`` and a given ``ramp_steps`` (and adamw2's numbers), which
+  may then be changed during training. A ``block_size`` given explicitly to an injected optimizer must
   be listed in its ``static_args``; iteration counts may be injected (they
   then run in a loop).
 

@@ -60,6 +60,21 @@ def test_injected_tau_can_be_changed_during_training(rng):
                              rtol=1e-4)
 
 
+def test_injected_ramp_steps_can_be_changed_during_training(rng):
+  """An uncovered leaf's first step is 1 / ramp_steps of its update; set to
+  0 (no ramp) it is the whole update."""
+  params = _params(rng)
+  tx = optax.inject_hyperparams(optax_spectral.scale_by_spectral_bound)(
+      ramp_steps=4)
+  state = tx.init(params)
+  d = {'w': jnp.zeros((12, 8)), 'b': jnp.full(8, 2.0)}
+  u, _ = jax.jit(tx.update)(d, state, params)
+  np.testing.assert_allclose(u['b'], np.full(8, 0.5), rtol=1e-6)
+  state.hyperparams['ramp_steps'] = jnp.asarray(0)
+  u, _ = jax.jit(tx.update)(d, state, params)
+  np.testing.assert_allclose(u['b'], np.full(8, 2.0), rtol=1e-6)
+
+
 def test_inject_hyperparams_in_nnx_jit():
   """nnx.Optimizer built inside nnx.jit (the sharded-init pattern)."""
   model = nnx.Linear(6, 4, rngs=nnx.Rngs(0))
