@@ -9,8 +9,9 @@ A bound relative to σ1(W) throttles a matrix that starts small: with
 peak learning rate x {adamw, adamw + warmup, adamw2 with the paper's rule
 (``weight_floor=0, ramp_steps=0``), adamw2 with a constant floor
 (``ramp_steps=0``, the default before the ramp), adamw2 default (floor and
-ramp)} x seeds, on the GPT and ViT examples. Each finished run is appended to ``<out>.jsonl`` at once and
-skipped when the command is run again, so an interrupted sweep resumes.
+ramp)} x seeds, on the GPT and ViT examples. Each finished run is appended
+to ``<out>.jsonl`` at once and skipped when the command is run again, so an
+interrupted sweep resumes.
 Writes benchmarks/results/small_init.{md,json,png}.
 """
 

@@ -110,7 +110,8 @@ def adamw2(
           num_iterations_first=num_iterations_first,
           num_iterations_weight=num_iterations_weight, block_size=block_size,
           max_extrapolation=max_extrapolation, weight_floor=weight_floor,
-          ramp_steps=ramp_steps, dimension_numbers=dimension_numbers, bound_vectors=bound_vectors),
+          ramp_steps=ramp_steps, dimension_numbers=dimension_numbers,
+          bound_vectors=bound_vectors),
   )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -150,10 +151,11 @@ def from_adamw_state(adamw_state: Any, tx: optax.GradientTransformation,
   Switching a running job from ``optax.adamw`` to ``adamw2``: Adam's moments
   and step count carry over, and the bound starts fresh (its first step runs
   the cold-start iterations, and its ramp starts again: build ``tx`` with
-  ``ramp_steps=0`` to continue at full step size). Do not restore an ``optax.adamw`` checkpoint
-  into an ``adamw2`` state directly: ``adamw2``'s state is one level deeper
-  (``(adamw state, bound state)``), so ``flax.training.checkpoints`` would
-  silently restore zeroed moments and orbax refuses the structure.
+  ``ramp_steps=0`` to continue at full step size). Do not restore an
+  ``optax.adamw`` checkpoint into an ``adamw2`` state directly: ``adamw2``'s
+  state is one level deeper (``(adamw state, bound state)``), so
+  ``flax.training.checkpoints`` would silently restore zeroed moments and
+  orbax refuses the structure.
 
   Args:
     adamw_state: the state of ``optax.adamw`` (e.g. restored from its

@@ -291,9 +291,9 @@ def scale_by_spectral_bound(
   that ``optax.inject_hyperparams(scale_by_spectral_bound)`` (or of
   :func:`adamw2`) injects only ``tau``, ``max_extrapolation``,
   ``weight_floor`` and a given ``ramp_steps`` (and adamw2's numbers), which
-  may then be changed during training. A ``block_size`` given explicitly to an injected optimizer must
-  be listed in its ``static_args``; iteration counts may be injected (they
-  then run in a loop).
+  may then be changed during training. A ``block_size`` given explicitly to
+  an injected optimizer must be listed in its ``static_args``; iteration
+  counts may be injected (they then run in a loop).
 
   Small inits: the bound uses ``max(σ1(W), weight_floor · (1 + sqrt(cols /
   rows)))``, where ``1 + sqrt(cols / rows)`` is σ1 of a variance-preserving
@@ -315,8 +315,8 @@ def scale_by_spectral_bound(
   steps let zero-init biases and position tables drown the small ``W x``
   (a ViT at std 0.02 stays at chance for 100 steps, then its attention
   collapses), and let the floored matrices leave their small init faster
-  than AdamW with warmup would. At a standard init the matrices are above
-  their floor from the start, so only the uncovered leaves feel the ramp.
+  than AdamW with warmup would. At a standard init the matrices start at
+  their floor, so only the uncovered leaves feel the ramp.
   It is the bound's own time scale, not a warmup to tune: ``1 / tau`` steps
   is how long a matrix takes to grow by ``e`` under the bound.
   ``ramp_steps=0`` turns it off (the rule of earlier versions).
