@@ -490,8 +490,7 @@ def scale_by_spectral_bound(
     length = 1 / tau_ if ramp_steps is None else jnp.asarray(ramp_steps,
                                                               jnp.float32)
     ramp = jnp.where(length > 0, jnp.minimum(
-        1, (count + 1).astype(jnp.float32) / jnp.where(length > 0, length, 1)),
-                     1)
+        1, (count + 1).astype(jnp.float32) / length), 1)
     floor = floor * ramp
     new_groups, factors = {}, {}
     recent_weight = jnp.minimum(count + 1, RECENT_STEPS).astype(jnp.float32)

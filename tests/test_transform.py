@@ -135,7 +135,7 @@ def _numpy_adamw2(w, grads, lr, tau, b1=0.9, b2=0.999, eps=1e-8, wd=1e-4,
     step = -lr * ((m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
                   + wd * w)
     floor = weight_floor * (1 + np.sqrt(w.shape[1] / w.shape[0]))
-    floor *= min(1.0, t * tau)
+    floor *= ramp(t - 1, 1 / tau)
     factor = min(1.0, tau * max(sigma1(w), floor) / sigma1(step))
     factors.append(factor)
     w = w + factor * step
