@@ -252,18 +252,14 @@ def growth(quick: bool) -> dict:
   return out
 
 
-# The first step's extra iterations run in one branch (lax.cond); XLA:GPU
-# waits on the host for a branch's predicate, so its cost is measured apart.
-TRAIN_STEP_VARIANTS = {
-    'adamw': {}, 'adamw2': {},
-    'adamw2 num_iterations_first=1 (no branch)': {'num_iterations_first': 1}}
+TRAIN_STEP_VARIANTS = {'adamw': {}, 'adamw2': {}}
 
 
-def train_step_benchmark(reps: int, accelerator: bool, quick: bool):
+def train_step_setup(accelerator: bool, quick: bool):
+  """The GPT example's config, a batch and a label for the benchmark."""
   sys.path.insert(0, os.path.join(HERE, '..', 'examples'))
   import common  # pylint: disable=g-import-not-at-top
   import gpt  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   if accelerator and not quick:
     base = gpt.GPTConfig(vocab_size=50304, block_size=1024, n_layer=12,
                          n_head=12, n_embd=768)
@@ -277,22 +273,36 @@ def train_step_benchmark(reps: int, accelerator: bool, quick: bool):
       np.int32)
   y = np.roll(x, -1, axis=1)
   jax.set_mesh(common.make_mesh())  # the model is annotated
+  return base, x, y, label
+
+
+def train_step_fn(base, scan: bool, name: str, options: dict, x, y):
+  """``(fn, compile_s)``: one compiled, warm train step of the GPT example
+  with optimizer ``name`` (adamw or adamw2) and ``options``."""
+  import common  # pylint: disable=g-import-not-at-top
+  import gpt  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  cfg = gpt.GPTConfig(**{**base.__dict__, 'scan': scan})
+  model = gpt.GPT(cfg, nnx.Rngs(0))
+  opt = nnx.Optimizer(model, common.make_optimizer(
+      common.OptimizerConfig(name=name), model, **options), wrt=nnx.Param)
+  # The optimizer is part of the traced graph: the first call compiles.
+  t = time.perf_counter()
+  jax.block_until_ready(gpt.train_step(model, opt, x, y))
+  compile_s = time.perf_counter() - t
+  fn = lambda: jax.block_until_ready(gpt.train_step(model, opt, x, y))
+  fn()
+  return fn, compile_s
+
+
+def train_step_benchmark(reps: int, accelerator: bool, quick: bool):
+  base, x, y, label = train_step_setup(accelerator, quick)
   result = {'config': label}
   for scan in (False, True):
-    cfg = gpt.GPTConfig(**{**base.__dict__, 'scan': scan})
     fns, compile_s = {}, {}
     for name, options in TRAIN_STEP_VARIANTS.items():
-      model = gpt.GPT(cfg, nnx.Rngs(0))
-      opt = nnx.Optimizer(model, common.make_optimizer(
-          common.OptimizerConfig(name=name.split()[0]), model, **options),
-                          wrt=nnx.Param)
-      # The optimizer is part of the traced graph: the first call compiles.
-      t = time.perf_counter()
-      jax.block_until_ready(gpt.train_step(model, opt, x, y))
-      compile_s[name] = time.perf_counter() - t
-      fns[name] = (lambda model=model, opt=opt:
-                   jax.block_until_ready(gpt.train_step(model, opt, x, y)))
-      fns[name]()
+      fns[name], compile_s[name] = train_step_fn(
+          base, scan, name.split()[0], options, x, y)
     timing = time_interleaved(fns, reps)
     result['scan' if scan else 'list'] = {
         k: {**timing[k], 'compile_s': compile_s[k]} for k in fns}
@@ -410,8 +420,6 @@ def main(argv=None):
           'adamw2 num_iterations=2': optax_spectral.adamw2(
               lr, num_iterations=2),
           'adamw2 block_size=1': optax_spectral.adamw2(lr, block_size=1),
-          'adamw2 num_iterations_first=1 (no branch)': optax_spectral.adamw2(
-              lr, num_iterations_first=1),
           'optax.adamw + clip_by_global_norm': optax.chain(
               optax.clip_by_global_norm(1.0), optax.adamw(lr)),
           'optax.lamb': optax.lamb(lr),

@@ -60,8 +60,9 @@ def adamw2(
       steps late in training at a learning rate AdamW with warmup handles
       (``diagnostics.bound_summary``'s ``throttled_fraction``).
     num_iterations: power iterations on the step per update (``None``: 1).
-    num_iterations_first: power iterations on the first update (``None``:
-      20; see :func:`scale_by_spectral_bound` for its cost on GPUs).
+    num_iterations_first: power iterations from a cold start (``None``: 20;
+      where they run, on CPUs and on GPUs/TPUs: see
+      :func:`scale_by_spectral_bound`).
     num_iterations_weight: power iterations on ``W`` per update; ``None``
       runs as many as on the step.
     block_size: vectors in the block power iteration on the step (``None``:
@@ -149,8 +150,8 @@ def from_adamw_state(adamw_state: Any, tx: optax.GradientTransformation,
   """The state of :func:`adamw2` that continues a run of ``optax.adamw``.
 
   Switching a running job from ``optax.adamw`` to ``adamw2``: Adam's moments
-  and step count carry over, and the bound starts fresh (its first step runs
-  the cold-start iterations, and its ramp starts again: build ``tx`` with
+  and step count carry over, and the bound starts fresh (its first step starts
+  the step's power iteration cold, and its ramp starts again: build ``tx`` with
   ``ramp_steps=0`` to continue at full step size). Do not restore an
   ``optax.adamw`` checkpoint into an ``adamw2`` state directly: ``adamw2``'s
   state is one level deeper (``(adamw state, bound state)``), so

@@ -73,6 +73,14 @@ def _explicit_mesh() -> bool:
   return not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types
 
 
+def replicated(x: jax.Array) -> jax.Array:
+  """``x`` replicated under an Explicit mesh (which would otherwise refuse
+  to combine differently sharded per-matrix numbers); unchanged otherwise."""
+  if not _explicit_mesh():
+    return x
+  return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+
+
 def _product(block: jax.Array, matrix: jax.Array, *, contract_rows: bool,
              acc) -> jax.Array:
   """``block (…, k, m) · matrix (…, m, n) → (…, k, n)`` if ``contract_rows``,
@@ -96,7 +104,7 @@ def _product(block: jax.Array, matrix: jax.Array, *, contract_rows: bool,
   kept = mspec[-1] if contract_rows else mspec[-2]
   out = jax.sharding.PartitionSpec(*mspec[:-2], None, kept)
   y = jnp.einsum(spec, block, matrix, out_sharding=out, **kwargs)
-  return jax.sharding.reshard(y, jax.sharding.PartitionSpec())
+  return replicated(y)
 
 
 # --- k × k arithmetic, batched over all matrices, elementwise in jnp. ------
@@ -244,6 +252,15 @@ def _stacked(matrices: Sequence[jax.Array]) -> list[jax.Array]:
   return chunks
 
 
+def frobenius_norms(matrices: Sequence[jax.Array], acc) -> jax.Array:
+  """‖M‖_F of each matrix of a group (an upper bound on σ1), in row order:
+  one reduction per stacked chunk (:func:`_stacked`, whose copies the
+  compiler shares with the iteration's), not one per matrix."""
+  return jnp.sqrt(jnp.concatenate([
+      replicated(jnp.sum(jnp.square(c.astype(acc)), axis=(-2, -1)).reshape(-1))
+      for c in _stacked(matrices)]))
+
+
 def _products(chunks: Sequence[jax.Array], block: jax.Array):
   """Both products of each matrix of a group with its rows of ``block``.
 
@@ -381,7 +398,6 @@ def iterate_groups(
     groups: Sequence[Sequence[jax.Array]],
     blocks: Sequence[jax.Array],
     num_iterations: Sequence[int | jax.Array],
-    cold_start: jax.Array | None = None,
 ) -> list[_Estimate]:
   """Warm-started block power iteration on several groups of matrices.
 
@@ -394,9 +410,6 @@ def iterate_groups(
       flow: on GPUs every loop or branch on device data makes the host wait
       for the device. Traced counts (e.g. injected hyperparameters) run one
       ``fori_loop`` over the largest, each group keeping its own result.
-    cold_start: a traced number of extra iterations to run on every group
-      after the others (the first step's), in one ``lax.cond``: a single
-      branch for the whole model, whose body is one iteration.
 
   Returns:
     One :class:`_Estimate` per group. Where a matrix's products are zero or
@@ -436,15 +449,6 @@ def iterate_groups(
     same = all(n is num_iterations[0] for n in num_iterations)
     carry = jax.lax.fori_loop(
         0, trips, lambda i, c: body(i, c, None if same else counts), carry)
-  if cold_start is not None:
-    # After the steady iterations, not before: XLA:GPU makes the host wait
-    # for the device at a branch, and then launch what follows it one kernel
-    # at a time; placed last, only the caller's few kernels that use the
-    # estimates follow it.
-    carry = jax.lax.cond(
-        cold_start > 0,
-        lambda c: jax.lax.fori_loop(0, cold_start, body, c),
-        lambda c: c, carry)
   blocks, sigmas, halves, oks = carry
   return [_Estimate(*e) for e in zip(sigmas, halves, blocks, oks)]
 

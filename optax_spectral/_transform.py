@@ -21,7 +21,8 @@ from optax_spectral._power_iteration import orthonormalize
 DEFAULT_TAU = 0.02
 DEFAULT_NUM_ITERATIONS = 1
 # A cold start underestimates σ1 badly (−29% after one iteration on noise-like
-# matrices); the first step pays for a converged estimate instead.
+# matrices): init converges σ1(W)'s vectors, and the first step σ1(Δ)'s on
+# CPUs (accelerators bound that step with ‖Δ‖_F instead).
 DEFAULT_NUM_ITERATIONS_FIRST = 20
 # Columns of the block power iteration on the step. Products with 8 columns
 # cost about 1.3x one column on CPU, and cut the worst underestimate on
@@ -176,6 +177,14 @@ def _initial_blocks(seed, shapes: tuple[tuple[int, int, int], ...],
   return list(zip(rows[::2], rows[1::2]))
 
 
+@jax.jit
+def _converged_weight_blocks(weights, blocks, iterations):
+  """``(blocks, sigmas)`` per group after ``iterations`` (traced: one loop)
+  power iterations on the params' matrices, from ``blocks``."""
+  estimates = iterate_groups(weights, blocks, [iterations] * len(blocks))
+  return [e.block for e in estimates], [e.sigma for e in estimates]
+
+
 def _concrete(value):
   """``value`` as a numpy array, or None if it is traced (e.g. injected by
   ``optax.inject_hyperparams`` into a jitted ``init``)."""
@@ -272,12 +281,18 @@ def scale_by_spectral_bound(
     ``max_extrapolation`` above ``σ``. With the defaults, when gradients
     change direction every step, the applied step stays within 0.1% of
     ``τ σ1(W)`` and about 3% below it on median (tests/test_transform.py).
-  * The first step runs ``num_iterations_first`` iterations on both, from a
-    cold start. On accelerators the extra iterations run in one ``lax.cond``
-    for the whole model (not one per matrix), and later steps unroll theirs,
-    with no control flow (on GPUs each loop or branch on device data makes
-    the host wait). On CPUs, where loops cost nothing, all steps share one
-    loop, which compiles the iteration once.
+  * Cold start. On CPUs, the first step runs ``num_iterations_first``
+    iterations on both, in the loop that all steps share (loops cost nothing
+    there, and the iteration compiles once). On GPUs and TPUs, where each
+    loop or branch on device data makes the host wait, every step runs the
+    same unrolled iterations: ``init`` runs ``num_iterations_first``
+    iterations on each ``W`` it is given (abstract params keep random
+    vectors, which the steps converge, meanwhile erring towards a tighter
+    bound), and the first step, whose block on ``Δ`` starts cold, is bounded
+    with ``‖Δ‖_F >= σ1(Δ)``: never looser than asked, and tighter by up to
+    ``sqrt(rank(Δ))`` for that one step. Its iteration still warms the
+    block: from the second step on the estimate is as good as later
+    (tests/test_transform.py).
   * The work is batched: all bounded matrices of one shape and dtype form a
     group, whose vectors are stacked in the state, and whose plain 2-D
     matrices are stacked into one copy per step, so that each product is one
@@ -333,13 +348,9 @@ def scale_by_spectral_bound(
     learning_rate: ``None`` when placed after the learning rate (recommended);
       otherwise the float or schedule that a later transform scales by.
     num_iterations: power iterations on ``Δ`` per step; ``None``: 1.
-    num_iterations_first: power iterations on ``W`` and ``Δ`` on the first
-      step, from a cold start; ``None``: 20. The iterations beyond
-      ``num_iterations`` run in one ``lax.cond``, which on GPUs costs a few
-      percent of every training step (the host waits for the branch's
-      predicate; README, "Cost"). ``num_iterations_first=1`` removes the
-      branch, and leaves the first step's σ1 estimates from one iteration
-      from random vectors (up to ~2x low: a first step up to ~2x the bound).
+    num_iterations_first: power iterations from a cold start: on ``W`` and
+      ``Δ`` on the first step on CPUs; on ``W`` in ``init`` on GPUs and TPUs
+      (whose first step uses ``‖Δ‖_F``, see above); ``None``: 20.
     num_iterations_weight: power iterations on ``W`` per step; ``None``
       (default) runs as many as on ``Δ``. A different number shares the loop
       and costs the larger of the two.
@@ -415,15 +426,36 @@ def scale_by_spectral_bound(
       return ScaleBySpectralBoundState(count=jnp.zeros([], jnp.int32),
                                        groups='not params-shaped')
     _register_with_flax_serialization()
-    plan = _plan(views_of(params))
+    views = views_of(params)
+    plan = _plan(views)
     blocks = _initial_blocks(
         seed, tuple((sum(g.sizes), min(block_size, g.rows, g.cols), g.long)
                     for g in plan), tuple(g.dtype for g in plan))
-    stats = lambda g: jnp.broadcast_to(
-        jnp.asarray([0, 0, 1, 0], jnp.float32), (sum(g.sizes), len(STATS)))
-    groups = {g.key: SpectralGroupState(weight=w, update=u, stats=stats(g),
+    sigmas = [jnp.zeros(sum(g.sizes), jnp.float32) for g in plan]
+    leaves = {_matrices.path_name(p): x for p, x in
+              jax.tree_util.tree_flatten_with_path(params)[0]}
+    if (plan and not _power_iteration.launches_are_cheap()
+        and isinstance(num_iterations_first, int) and not any(
+            isinstance(leaves[n], jax.ShapeDtypeStruct) for n in views)):
+      # Accelerators: the cold start of σ1(W)'s vectors, here rather than
+      # on the first step, so that no step needs a branch for it (CPUs run
+      # it in the first step's loop). Abstract params (shapes only) keep
+      # random vectors, which the steps' iterations converge; until then
+      # σ1(W) is underestimated, which errs towards a tighter bound.
+      acc = [compute_dtype(g.dtype) for g in plan]
+      weights, sigmas = _converged_weight_blocks(
+          [[views[n].to_matrices(jnp.asarray(leaves[n])) for n in g.names]
+           for g in plan], [w.astype(a) for (w, _), a in zip(blocks, acc)],
+          jnp.asarray(num_iterations_first, jnp.int32))
+      blocks = [(w.astype(g.dtype), u)
+                for g, w, (_, u) in zip(plan, weights, blocks)]
+    stats = lambda g, sigma: jnp.stack(
+        [sigma.astype(jnp.float32)] + [jnp.full(sum(g.sizes), x, jnp.float32)
+                                       for x in (0, 1, 0)], -1)
+    groups = {g.key: SpectralGroupState(weight=w, update=u,
+                                        stats=stats(g, sigma),
                                         leaves=g.leaves)
-              for g, (w, u) in zip(plan, blocks)}
+              for g, (w, u), sigma in zip(plan, blocks, sigmas)}
     return ScaleBySpectralBoundState(count=jnp.zeros([], jnp.int32),
                                      groups=groups)
 
@@ -444,23 +476,22 @@ def scale_by_spectral_bound(
     count = state.count
     steady = [num_iterations_weight] * len(plan) + [
         num_iterations] * len(plan)
-    if not _power_iteration.launches_are_cheap() and all(
-        isinstance(n, int) for n in steady + [num_iterations_first]):
-      # Later steps unroll their iterations (no control flow); the first
-      # step's extra iterations run in one branch for the whole model.
-      extra = num_iterations_first - min(steady, default=0)
-      cold_start = jnp.where(count == 0, extra, 0) if extra > 0 else None
-    else:
-      # One loop for the first step and later ones: on CPUs, where the
-      # iteration then compiles once rather than twice (unrolled, and in the
-      # first step's branch); and for traced counts (inject_hyperparams).
+    # On accelerators every step runs the same unrolled iterations, with no
+    # control flow (XLA:GPU makes the host wait for a branch's or loop's
+    # predicate): σ1(W)'s cold start ran in ``init``, and the first step,
+    # whose block on Δ starts cold, is bounded with ‖Δ‖_F >= σ1(Δ): never
+    # looser than asked. On CPUs, and for traced counts (inject_hyperparams),
+    # one loop runs ``num_iterations_first`` iterations on the first step
+    # (on W too: there init leaves its vectors random).
+    unrolled = not _power_iteration.launches_are_cheap() and all(
+        isinstance(n, int) for n in steady + [num_iterations_first])
+    if not unrolled:
       first = {}  # one traced count per distinct value (see iterate_groups)
       steady = [first.setdefault(n, jnp.where(count == 0,
                                               num_iterations_first, n))
                 if isinstance(n, int) else
                 jnp.where(count == 0, num_iterations_first, n)
                 for n in steady]
-      cold_start = None
     # One call for every matrix, W and Δ alike: the k×k work of each
     # iteration is batched over all groups.
     states = [state.groups[g.key] for g in plan]
@@ -470,7 +501,7 @@ def scale_by_spectral_bound(
         + [matrices(update_leaves, g) for g in plan],
         [s.weight.astype(a) for s, a in zip(states, acc)]
         + [s.update.astype(a) for s, a in zip(states, acc)],
-        steady, cold_start)
+        steady)
     if learning_rate is None:
       lr_scale = 1.0
     else:
@@ -494,13 +525,18 @@ def scale_by_spectral_bound(
     floor = floor * ramp
     new_groups, factors = {}, {}
     recent_weight = jnp.minimum(count + 1, RECENT_STEPS).astype(jnp.float32)
-    for g, s, w, d in zip(plan, states, estimates[:len(plan)],
-                          estimates[len(plan):]):
+    for g, s, w, d, a in zip(plan, states, estimates[:len(plan)],
+                             estimates[len(plan):], acc):
       # Geometric extrapolation of the last iteration, capped: it only ever
       # raises the estimate, so the bound can only get tighter.
       ratio = d.sigma / jnp.where(d.sigma_half > 0, d.sigma_half, d.sigma)
       ratio = jnp.clip(jnp.nan_to_num(ratio, nan=1.0), 1, 1 + extrapolation)
-      sigma_d = d.sigma * ratio * jnp.asarray(lr_scale, jnp.float32)
+      sigma_d = d.sigma * ratio
+      if unrolled:
+        frobenius = _power_iteration.frobenius_norms(
+            matrices(update_leaves, g), a)
+        sigma_d = jnp.where(count == 0, frobenius, sigma_d)
+      sigma_d = sigma_d * jnp.asarray(lr_scale, jnp.float32)
       sigma_w = w.sigma
       # Floored at a multiple of σ1 of a variance-preserving random matrix
       # (entries of std 1/sqrt(rows)): 1 + sqrt(cols / rows).

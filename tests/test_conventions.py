@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import optax_spectral
+from optax_spectral import _power_iteration
 from conftest import floor_sigma, planted, sigma1
 
 
@@ -147,19 +148,34 @@ def test_map_params(problem):
   assert cast[1].groups['10x6 float32'].weight.dtype == jnp.float32
 
 
-def test_init_on_abstract_params(problem):
+@pytest.mark.parametrize('structure', ['cpu', 'accelerators'])
+def test_init_on_abstract_params(problem, monkeypatch, structure):
   params, grads = problem
+  accelerators = structure == 'accelerators'
+  monkeypatch.setattr(_power_iteration, 'launches_are_cheap',
+                      lambda: not accelerators)
   tx = optax_spectral.adamw2(1e-3)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           params)
   shapes = jax.eval_shape(tx.init, abstract)
   direct = tx.init(abstract)
   concrete = tx.init(params)
-  assert jax.tree.structure(shapes) == jax.tree.structure(concrete)
-  jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype) or
-               pytest.fail(f'{a} != {b}'), shapes, concrete)
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), direct,
-               concrete)
+  for other in (shapes, direct):
+    assert jax.tree.structure(other) == jax.tree.structure(concrete)
+    jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype) or
+                 pytest.fail(f'{a} != {b}'), other, concrete)
+  # Accelerators, concrete params: init converges σ1(W)'s vector (its cold
+  # start, so that no step needs a branch for it). Shapes only, or CPUs
+  # (whose first step runs it): random vectors.
+  sigma = lambda s: float(optax_spectral.spectral_stats(s)['w/sigma_weight'])
+  if accelerators:
+    np.testing.assert_allclose(sigma(concrete), sigma1(params['w']),
+                               rtol=1e-4)
+  else:
+    jax.tree.map(np.testing.assert_array_equal, direct, concrete)
+  assert sigma(direct) == 0
+  u, _ = jax.jit(tx.update)(grads[0], direct, params)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
 
 
 def test_extra_args_accepted(problem):
