@@ -146,6 +146,8 @@ def main(argv=None):
   p.add_argument('--steps', type=int, default=5)
   p.add_argument('--trees', nargs='*', default=None,
                  help='names from benchmarks/overhead.param_trees')
+  p.add_argument('--minimal', action='store_true',
+                 help='only optax.adamw and the default adamw2')
   p.add_argument('--hlo', action='store_true',
                  help="save the default adamw2's compiled update per tree")
   p.add_argument('--train-step', action='store_true',
@@ -169,10 +171,11 @@ def main(argv=None):
     variants = {
         'optax.adamw': optax.adamw(lr),
         'adamw2 (default)': optax_spectral.adamw2(lr, **dims),
-        'adamw2 block_size=1': optax_spectral.adamw2(lr, block_size=1,
-                                                     **dims),
     }
-    if 'scanned' not in tree:
+    if not args.minimal:
+      variants['adamw2 block_size=1'] = optax_spectral.adamw2(
+          lr, block_size=1, **dims)
+    if 'scanned' not in tree and not args.minimal:
       variants['adamw2, matrices not stacked'] = optax_spectral.adamw2(lr)
     for name, tx in variants.items():
       stacked = _power_iteration._stacked  # pylint: disable=protected-access
