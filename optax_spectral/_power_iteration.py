@@ -122,15 +122,16 @@ def launches_are_cheap() -> bool:
   there the iteration is unrolled (no control flow in any step: the cold
   start runs in ``init`` and the first step is bounded with ``‖Δ‖_F``), and
   the matrices of one shape are stacked so that each product is one kernel
-  per shape (on an H200 in-place products cost more than the copies). XLA:CPU runs loops and kernels at no such cost, but has
-  little memory bandwidth, and compiles unrolled code several times slower:
-  there the iteration loops, and each matrix is multiplied in place (a
-  stacked copy is two more passes over every matrix: update + apply 2.8x
-  adamw's instead of 1.7x for GPT-2 small on 2 cores). True on CPUs. Tests
-  pin it to True on every device (conftest), and patch it to False to check
-  the accelerators' structure. Also, XLA:CPU's
-  YNN fusions (jaxlib 0.10) miscompute the unrolled k×k chain of several
-  groups (σ1 off by orders of magnitude); the loops are exact.
+  per shape (on an H200 in-place products cost more than the copies).
+  XLA:CPU runs loops and kernels at no such cost, but has little memory
+  bandwidth, and compiles unrolled code several times slower: there the
+  iteration loops, and each matrix is multiplied in place (a stacked copy
+  is two more passes over every matrix: update + apply 2.8x adamw's instead
+  of 1.7x for GPT-2 small on 2 cores). True on CPUs. Tests pin it to True
+  on every device (conftest), and patch it to False to check the
+  accelerators' structure. Also, XLA:CPU's YNN fusions (jaxlib 0.10)
+  miscompute the unrolled k×k chain of several groups (σ1 off by orders of
+  magnitude); the loops are exact.
   """
   return jax.default_backend() == 'cpu'
 
