@@ -152,3 +152,25 @@ def test_warmup_parts_split_the_vits_params():
     np.testing.assert_allclose(np.abs(bias), 1e-2 * min(1, step / 2),
                                rtol=1e-3)
     np.testing.assert_allclose(np.abs(norm), 1e-2, rtol=1e-3)
+
+
+def test_profile_summary_by_hand():
+  """benchmarks/profile_update.summarize on a hand-made trace of 2 steps:
+  (name, hlo op, start ns, duration ns)."""
+  import profile_update  # pylint: disable=g-import-not-at-top
+  kernels = [('gemm_fusion_dot', 'dot.1', 0, 10_000),
+             ('input_reduce_fusion', 'reduce.2', 12_000, 4_000),
+             ('loop_add_fusion', 'add.3', 17_000, 2_000),
+             # the next step, after a 2 ms host gap (not idle time)
+             ('gemm_fusion_dot', 'dot.1', 2_019_000, 10_000),
+             ('loop_add_fusion', 'add.3', 2_030_000, 2_000)]
+  s = profile_update.summarize(kernels, steps=2)
+  assert s['kernels_per_step'] == 2.5
+  assert s['busy_us_per_step'] == 14.0       # 28 µs over 2 steps
+  assert s['idle_us_per_step'] == 2.0  # gaps of 2, 1 and 1 µs over 2 steps
+  assert s['longest_gaps_us'][-1] == 2000.0
+  assert s['categories']['product'] == {'kernels': 1.0, 'us': 10.0}
+  assert s['categories']['reduce'] == {'kernels': 0.5, 'us': 2.0}
+  assert s['kernels'][0] == {'name': 'gemm_fusion_dot', 'count': 1.0,
+                             'us': 10.0}
+  assert profile_update.summarize([], steps=1) == {}
