@@ -178,16 +178,16 @@ def main(argv=None):
     if 'scanned' not in tree and not args.minimal:
       variants['adamw2, matrices not stacked'] = optax_spectral.adamw2(lr)
     for name, tx in variants.items():
-      stacked = _power_iteration._stacked  # pylint: disable=protected-access
+      stacked = _power_iteration.stack_group
       if 'not stacked' in name:
-        _power_iteration._stacked = list  # pylint: disable=protected-access
+        _power_iteration.stack_group = list
       hlo = (os.path.join(args.out_dir, re.sub(r'\W+', '_', tree).strip('_')
                           + '.hlo.txt')
              if args.hlo and name == 'adamw2 (default)' else None)
       try:
         fn, counts = update_fn(tx, params, hlo)
       finally:
-        _power_iteration._stacked = stacked  # pylint: disable=protected-access
+        _power_iteration.stack_group = stacked
       s = {**profile(fn, args.steps),
            'hlo': {k: counts[k] for k in ('kernels', 'products')}}
       result['update'][f'{tree} | {name}'] = s

@@ -221,7 +221,7 @@ def _gram(a: jax.Array) -> jax.Array:
 # --- one iteration on groups of same-shaped matrices. -----------------------
 
 
-def _stacked(matrices: Sequence[jax.Array]) -> list[jax.Array]:
+def stack_group(matrices: Sequence[jax.Array]) -> list[jax.Array]:
   """The operands of a group's products: runs of plain matrices stacked.
 
   A Python list of 12 layers gives 12 two-dimensional leaves of one shape;
@@ -255,19 +255,20 @@ def _stacked(matrices: Sequence[jax.Array]) -> list[jax.Array]:
   return chunks
 
 
-def frobenius_norms(matrices: Sequence[jax.Array], acc) -> jax.Array:
+def frobenius_norms(chunks: Sequence[jax.Array], acc) -> jax.Array:
   """‖M‖_F of each matrix of a group (an upper bound on σ1), in row order:
-  one reduction per stacked chunk (:func:`_stacked`, whose copies the
-  compiler shares with the iteration's), not one per matrix."""
+  one reduction per chunk of :func:`stack_group` (pass the chunks that the
+  iteration multiplies, so that the step reads one stacked copy), not one
+  per matrix."""
   return jnp.sqrt(jnp.concatenate([
       replicated(jnp.sum(jnp.square(c.astype(acc)), axis=(-2, -1)).reshape(-1))
-      for c in _stacked(matrices)]))
+      for c in chunks]))
 
 
 def _products(chunks: Sequence[jax.Array], block: jax.Array):
   """Both products of each matrix of a group with its rows of ``block``.
 
-  ``chunks`` (from :func:`_stacked`) all have shape ``batch_i + (m, n)``;
+  ``chunks`` (from :func:`stack_group`) all have shape ``batch_i + (m, n)``;
   ``block`` is ``(B, k, L)``, ``B = Σ|batch_i|``, its rows on the longer
   side. Returns ``Y = A X`` ``(B, k, S)`` and ``Aᵀ Y`` ``(B, k, L)``. Only
   these products run per chunk; everything after them runs once per group.
@@ -421,7 +422,8 @@ def iterate_groups(
   if not blocks:
     return []
   # Stacked once per step (not per iteration): XLA then holds fewer copies.
-  groups = [_stacked(g) for g in groups]
+  # Groups a caller stacked already pass through unchanged.
+  groups = [stack_group(g) for g in groups]
   zeros = [jnp.zeros(b.shape[:1], b.dtype) for b in blocks]
   carry = ([jnp.asarray(b) for b in blocks], zeros, zeros,
            [jnp.zeros(b.shape[:1], bool) for b in blocks])

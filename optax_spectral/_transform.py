@@ -496,9 +496,12 @@ def scale_by_spectral_bound(
     # iteration is batched over all groups.
     states = [state.groups[g.key] for g in plan]
     acc = [compute_dtype(g.dtype) for g in plan]
+    # Stacked here (a no-op on CPUs), so that the first step's ‖Δ‖_F reads
+    # the copy the iteration multiplies.
+    steps = [_power_iteration.stack_group(matrices(update_leaves, g))
+             for g in plan]
     estimates = iterate_groups(
-        [matrices(param_leaves, g) for g in plan]
-        + [matrices(update_leaves, g) for g in plan],
+        [matrices(param_leaves, g) for g in plan] + steps,
         [s.weight.astype(a) for s, a in zip(states, acc)]
         + [s.update.astype(a) for s, a in zip(states, acc)],
         steady)
@@ -525,17 +528,17 @@ def scale_by_spectral_bound(
     floor = floor * ramp
     new_groups, factors = {}, {}
     recent_weight = jnp.minimum(count + 1, RECENT_STEPS).astype(jnp.float32)
-    for g, s, w, d, a in zip(plan, states, estimates[:len(plan)],
-                             estimates[len(plan):], acc):
+    for g, s, w, d, a, chunks in zip(plan, states, estimates[:len(plan)],
+                                     estimates[len(plan):], acc, steps):
       # Geometric extrapolation of the last iteration, capped: it only ever
       # raises the estimate, so the bound can only get tighter.
       ratio = d.sigma / jnp.where(d.sigma_half > 0, d.sigma_half, d.sigma)
       ratio = jnp.clip(jnp.nan_to_num(ratio, nan=1.0), 1, 1 + extrapolation)
       sigma_d = d.sigma * ratio
       if unrolled:
-        frobenius = _power_iteration.frobenius_norms(
-            matrices(update_leaves, g), a)
-        sigma_d = jnp.where(count == 0, frobenius, sigma_d)
+        sigma_d = jnp.where(count == 0,
+                            _power_iteration.frobenius_norms(chunks, a),
+                            sigma_d)
       sigma_d = sigma_d * jnp.asarray(lr_scale, jnp.float32)
       sigma_w = w.sigma
       # Floored at a multiple of σ1 of a variance-preserving random matrix
