@@ -87,6 +87,15 @@ def test_small_init_sweep_resumes_and_reports(tmp_path, monkeypatch):
     assert os.path.getsize(f'{out}.{ext}') > 100
   again = small_init.main(argv + ['--report-only'])
   assert len(calls) == 6 and again == runs
+  # More seeds of the three rows the verdict needs: only seed 1 runs, and
+  # not the ablations.
+  fewer = small_init.main(argv + ['--skip-ablations', '--seeds', '0', '1'])
+  assert [c[:2] + c[6:] for c in calls[6:]] == [
+      ('adamw', 0, 1), ('adamw', 10, 1), ('adamw2', 0, 1)]
+  assert [r['setting'] for r in fewer] == [
+      'adamw', 'adamw + 10 warmup', 'adamw2 (default)'] * 2
+  with open(out + '.md') as f:
+    assert 'paper rule' not in f.read()
 
 
 @pytest.mark.slow
