@@ -2,9 +2,9 @@
 
     python benchmarks/small_init.py            # ~90 minutes on 2 CPU cores
     python benchmarks/small_init.py --quick    # ~1 minute, what CI runs
-    python benchmarks/small_init.py --tasks vit --inits 'std 0.01' \
-        --seeds 0 1 2 3 4 5 6 7 --skip-ablations \
-        --out benchmarks/results/small_init_vit_std001   # ~30 minutes
+    python benchmarks/small_init.py --tasks vit --inits 'std 0.02' \
+        'std 0.01' --seeds 0 1 2 3 4 5 6 7 --skip-ablations \
+        --out benchmarks/results/small_init_vit_8seeds   # ~45 minutes
 
 A bound relative to σ1(W) throttles a matrix that starts small: with
 ``tau=0.02`` it may grow by 2% of its small self per step. Grid: init scale
