@@ -129,9 +129,8 @@ def _check_like_init(updates, state) -> None:
   adam = [x for x in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(x)]
   if not adam:
     return
-  shapes = lambda tree: {
-      _matrices.path_name(p): tuple(getattr(x, 'shape', ()))
-      for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  shapes = lambda tree: {n: tuple(getattr(x, 'shape', ()))
+                         for n, x in _matrices.named_leaves(tree).items()}
   want, got = shapes(adam[0].mu), shapes(updates)
   if want == got:
     return

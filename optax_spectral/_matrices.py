@@ -118,6 +118,12 @@ def path_name(path) -> str:
   return jax.tree_util.keystr(tuple(path), simple=True, separator='/')
 
 
+def named_leaves(tree) -> dict[str, Any]:
+  """``{path_name: leaf}`` of a pytree's leaves."""
+  return {path_name(p): x
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def _is_spec(x) -> bool:
   return x is None or isinstance(x, SpectralDimensionNumbers)
 

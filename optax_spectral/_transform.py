@@ -432,8 +432,7 @@ def scale_by_spectral_bound(
         seed, tuple((sum(g.sizes), min(block_size, g.rows, g.cols), g.long)
                     for g in plan), tuple(g.dtype for g in plan))
     sigmas = [jnp.zeros(sum(g.sizes), jnp.float32) for g in plan]
-    leaves = {_matrices.path_name(p): x for p, x in
-              jax.tree_util.tree_flatten_with_path(params)[0]}
+    leaves = _matrices.named_leaves(params)
     if (plan and not _power_iteration.launches_are_cheap()
         and isinstance(num_iterations_first, int) and not any(
             isinstance(leaves[n], jax.ShapeDtypeStruct) for n in views)):
@@ -468,9 +467,8 @@ def scale_by_spectral_bound(
     views = views_of(params)
     plan = _plan(views)
     _check_state(plan, state)
-    named = lambda tree: {_matrices.path_name(p): x for p, x in
-                          jax.tree_util.tree_flatten_with_path(tree)[0]}
-    param_leaves, update_leaves = named(params), named(updates)
+    param_leaves = _matrices.named_leaves(params)
+    update_leaves = _matrices.named_leaves(updates)
     matrices = lambda leaves, g: [views[n].to_matrices(leaves[n])
                                   for n in g.names]
     count = state.count
