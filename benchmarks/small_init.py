@@ -5,6 +5,9 @@
     python benchmarks/small_init.py --tasks vit --inits 'std 0.02' \
         'std 0.01' --seeds 0 1 2 3 4 5 6 7 --skip-ablations \
         --out benchmarks/results/small_init_vit_8seeds   # ~45 minutes
+    python benchmarks/small_init.py --tasks vit --inits 'std 0.01' \
+        --lrs 0.003 --steps 300 --seeds 0 1 2 3 4 5 6 7 --skip-ablations \
+        --out benchmarks/results/small_init_vit_300steps  # ~20 minutes
 
 A bound relative to σ1(W) throttles a matrix that starts small: with
 ``tau=0.02`` it may grow by 2% of its small self per step. Grid: init scale
@@ -147,6 +150,9 @@ def main(argv=None):
                  choices=list(INITS))
   p.add_argument('--lrs', type=float, nargs='+', default=None)
   p.add_argument('--seeds', type=int, nargs='+', default=None)
+  p.add_argument('--steps', type=int, default=None,
+                 help='training steps per run (default 150; --quick: 30); '
+                 'the warmup stays 50 (10) steps')
   p.add_argument('--skip-ablations', action='store_true',
                  help="run only adamw, adamw + warmup and adamw2's default "
                  '(not the paper rule and constant floor rows)')
@@ -159,7 +165,8 @@ def main(argv=None):
   else:
     lrs, seeds, steps, preset, warmup = [3e-3, 1e-2, 3e-2], [0, 1], 150, (
         'small'), 50
-  lrs, seeds = args.lrs or lrs, args.seeds or seeds
+  lrs, seeds, steps = args.lrs or lrs, args.seeds or seeds, (
+      args.steps or steps)
   rows = settings(warmup)
   if args.skip_ablations:
     rows = rows[:2] + rows[-1:]

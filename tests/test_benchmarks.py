@@ -96,6 +96,16 @@ def test_small_init_sweep_resumes_and_reports(tmp_path, monkeypatch):
       'adamw', 'adamw + 10 warmup', 'adamw2 (default)'] * 2
   with open(out + '.md') as f:
     assert 'paper rule' not in f.read()
+  # Another length is another run: nothing of the 30-step runs is reused,
+  # and the trainer gets the steps asked for.
+  steps = []
+  monkeypatch.setattr(stability, 'run_one', lambda *a, **k: steps.append(
+      a[6]) or fake_run(*a, **k))
+  longer = small_init.main(argv + ['--skip-ablations', '--steps', '45'])
+  assert steps == [45, 45, 45]
+  assert [r['steps'] for r in longer] == [45, 45, 45]
+  with open(out + '.md') as f:
+    assert f.read().startswith('# Small inits: 45 steps')
 
 
 @pytest.mark.slow
