@@ -97,7 +97,8 @@ def verdicts(runs, task, inits, rows, lrs, warmup):
       high = max(lrs)
       others = [mean(init, other, high) for other in rows[:2]]
       mine = mean(init, row, high)
-      beats = ('n/a' if np.isnan([mine] + others).any() else
+      # With one learning rate there is no high rate to compare at.
+      beats = ('n/a' if len(lrs) < 2 or np.isnan([mine] + others).any() else
                'yes' if all(sign * mine > sign * o for o in others) else 'no')
       verdict = ('n/a' if np.isnan(diff) else 'neutral or better'
                  if diff >= -margin else 'worse')

@@ -83,6 +83,10 @@ def test_small_init_sweep_resumes_and_reports(tmp_path, monkeypatch):
     report = f.read()
   assert '| std 0.01 | adamw2 (default) | 2.060 (0/1) [50%/50%/50%] |' in (
       report), report
+  # One learning rate: no higher rate to beat AdamW at (the verdict's last
+  # column). Fake scores are losses 2.02 (warmup) and 2.06: 0.04 worse.
+  assert '| std 0.01 | adamw2 (default) | 0.03 | -0.040 (worse) | n/a |' in (
+      report), report
   for ext in ('md', 'json', 'png', 'jsonl'):
     assert os.path.getsize(f'{out}.{ext}') > 100
   again = small_init.main(argv + ['--report-only'])
