@@ -74,10 +74,9 @@ def adamw2(
       variance-preserving random matrix of its shape, so that small-init
       matrices are not throttled (see :func:`scale_by_spectral_bound`);
       ``0`` is the paper's rule.
-    ramp_steps: over this many first steps the steps of the leaves the
-      bound does not cover (biases, norm scales), and of matrices below
-      their floor, ramp in linearly (a matrix at a standard init is not
-      ramped); ``None``: ``1 / tau`` (50 steps); ``0``: no ramp (see
+    ramp_steps: over this many first steps the floor, and the steps of the
+      leaves the bound does not cover (biases, norm scales), ramp in
+      linearly; ``None``: ``1 / tau`` (50 steps); ``0``: no ramp (see
       :func:`scale_by_spectral_bound`).
     dimension_numbers: which axes of each leaf form a matrix; see
       :func:`scale_by_spectral_bound` and :func:`bounded_leaves`.

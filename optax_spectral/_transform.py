@@ -64,8 +64,7 @@ class SpectralGroupState:
     weight: σ1(W)'s singular vector, ``(matrices, 1, L)``, params' dtype.
     update: the step's block, ``(matrices, block_size, L)``, params' dtype.
     stats: float32 ``(matrices, 4)``: the last step's σ1(W), σ1(Δ) before
-      the bound (after the ramp of the first steps), the bound's factor (the
-      ramp not included) and fraction of recent steps bounded
+      the bound, applied factor and fraction of recent steps bounded
       (:data:`STATS`). Read it per leaf with :func:`spectral_stats`.
     leaves: static: ``(name, batch_shape)`` of each leaf whose matrices are
       stacked here, in row order (part of the tree structure, not data).
@@ -323,23 +322,19 @@ def scale_by_spectral_bound(
   ``tau`` times the larger of σ1(W) and the floor.
 
   The first steps: over ``ramp_steps`` steps (default ``1 / tau``, 50 at
-  the default tau) the steps of every leaf the bound does not cover
-  (biases, norm scales, embedding-like tables left out by
-  ``dimension_numbers``), and of every matrix below its floor, ramp in
-  linearly: ``(t + 1) / ramp_steps`` of Adam's step on step ``t``, but for a
-  matrix never less than ``σ1(W) / floor``, so a matrix at a standard init
-  is not ramped at all and one at half its floor is ramped to at least half.
-  Adam's first steps move every entry by about the learning rate, whatever
-  its gradient's signal: in a small-init model such steps let zero-init
-  biases and position tables drown the small ``W x`` (a ViT at std 0.02
-  stays at chance for 100 steps, then its attention collapses), and, under
-  the floor's bound alone, the matrices moved with their steps shrunk most
-  where Adam's step was most coherent (the attention's ``qkv``), which left
-  a ViT at std 0.01 0.06 below AdamW with warmup (README, "Small inits").
-  The bound applies to the ramped step; its floor does not ramp. It is the
-  bound's own time scale, not a warmup to tune: ``1 / tau`` steps is how
-  long a matrix takes to grow by ``e`` under the bound. ``ramp_steps=0``
-  turns it off.
+  the default tau) the floor ramps in linearly, ``(t + 1) / ramp_steps`` of
+  it on step ``t``, and so does the step of every leaf the bound does not
+  cover (biases, norm scales, embedding-like tables left out by
+  ``dimension_numbers``). Adam's first steps move every entry by about the
+  learning rate, whatever its gradient's signal: in a small-init model such
+  steps let zero-init biases and position tables drown the small ``W x``
+  (a ViT at std 0.02 stays at chance for 100 steps, then its attention
+  collapses), and let the floored matrices leave their small init faster
+  than AdamW with warmup would. At a standard init the matrices start at
+  their floor, so only the uncovered leaves feel the ramp.
+  It is the bound's own time scale, not a warmup to tune: ``1 / tau`` steps
+  is how long a matrix takes to grow by ``e`` under the bound.
+  ``ramp_steps=0`` turns it off (the rule of earlier versions).
 
   Guards: with ``weight_floor=0``, a matrix with ``σ1(W) = 0`` is not bounded
   on that step, as in optax's trust ratio, so it can still move; ``σ1(Δ) = 0``
@@ -367,9 +362,8 @@ def scale_by_spectral_bound(
     weight_floor: the σ1(W) in the bound is at least this times σ1 of a
       variance-preserving random matrix of the same shape, ``1 + sqrt(cols /
       rows)``; ``0`` is the paper's rule. Default 1. May be injected.
-    ramp_steps: steps over which the steps of the leaves the bound does not
-      cover, and of matrices below their floor, ramp in linearly from
-      ``1 / ramp_steps`` (a matrix's never below ``σ1(W) / floor``);
+    ramp_steps: steps over which the floor, and the steps of the leaves the
+      bound does not cover, ramp in linearly from ``1 / ramp_steps``;
       ``None`` (default): ``1 / tau``; ``0``: no ramp. May be injected.
     dimension_numbers: which axes of each leaf form the matrix:
       ``None`` (default: 2-D leaves are matrices; leaves with more dimensions
@@ -529,6 +523,7 @@ def scale_by_spectral_bound(
                                                               jnp.float32)
     ramp = jnp.where(length > 0, jnp.minimum(
         1, (count + 1).astype(jnp.float32) / length), 1)
+    floor = floor * ramp
     new_groups, factors = {}, {}
     recent_weight = jnp.minimum(count + 1, RECENT_STEPS).astype(jnp.float32)
     for g, s, w, d, a, chunks in zip(plan, states, estimates[:len(plan)],
@@ -546,14 +541,8 @@ def scale_by_spectral_bound(
       sigma_w = w.sigma
       # Floored at a multiple of σ1 of a variance-preserving random matrix
       # (entries of std 1/sqrt(rows)): 1 + sqrt(cols / rows).
-      below = floor * (1 + math.sqrt(g.cols / g.rows))
-      # A matrix below its floor ramps like an uncovered leaf, but never
-      # below its own share of the floor: one at a standard init does not.
-      share = jnp.nan_to_num(sigma_w / jnp.where(below > 0, below, 1), nan=1)
-      ramped = jnp.where(below > 0, jnp.maximum(ramp, jnp.minimum(1, share)),
-                         1)
-      sigma_d = sigma_d * ramped
-      limit = tau_ * jnp.maximum(sigma_w, below)
+      reference = 1 + math.sqrt(g.cols / g.rows)
+      limit = tau_ * jnp.maximum(sigma_w, floor * reference)
       # A zero limit (σ1(W) = 0 and no floor): no bound, else a zero matrix
       # never moves; σ1(Δ) = 0 or non-finite: the comparison is False and
       # the factor stays 1.
@@ -562,14 +551,14 @@ def scale_by_spectral_bound(
       # In (0, 1] whatever an injected tau is: never reversed, never zero.
       factor = jnp.clip(factor, jnp.finfo(jnp.float32).tiny, 1)
       recent = s.stats[:, 3]
-      recent = recent + (active - recent) / recent_weight
+      recent = recent + ((factor < 1) - recent) / recent_weight
       new_groups[g.key] = SpectralGroupState(
           weight=w.block.astype(s.weight.dtype),
           update=d.block.astype(s.update.dtype),
           stats=jnp.stack([sigma_w, sigma_d, factor, recent],
                           -1).astype(jnp.float32),
           leaves=s.leaves)
-      factors.update(_per_leaf(factor * ramped, g.leaves))
+      factors.update(_per_leaf(factor, g.leaves))
 
     def bound_leaf(path, update):
       name = _matrices.path_name(path)
@@ -589,7 +578,7 @@ def scale_by_spectral_bound(
 
 
 def spectral_stats(opt_state: Any) -> dict[str, jax.Array]:
-  """The last step's σ1 estimates and bound's factors, for logging.
+  """The last step's σ1 estimates and applied factors, for logging.
 
   Finds every :class:`ScaleBySpectralBoundState` inside ``opt_state`` (any
   chain, ``inject_hyperparams``, ``MultiSteps``, ``masked``, ``partition``, or
@@ -601,7 +590,7 @@ def spectral_stats(opt_state: Any) -> dict[str, jax.Array]:
 
   Returns:
     ``{'<leaf>/sigma_weight': σ1(W), '<leaf>/sigma_update': σ1(Δ) before the
-    bound (after the first steps' ramp), '<leaf>/factor': the bound's factor, '<leaf>/bounded_recent':
+    bound, '<leaf>/factor': applied factor, '<leaf>/bounded_recent':
     fraction of recent steps (about the last 100) whose step the bound
     shrank}`` with one entry per bounded leaf; values have the leaf's batch
     shape (scalars for plain matrices). A factor below 1 means the bound was

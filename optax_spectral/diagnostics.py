@@ -104,7 +104,7 @@ def bound_summary(opt_state: Any) -> dict[str, Any]:
 
   Returns:
     ``bound_fraction``: fraction of bounded matrices whose step was shrunk;
-    ``min_factor``: the bound's smallest factor; ``min_factor_leaf``: where
+    ``min_factor``: the smallest applied factor; ``min_factor_leaf``: where
     (``'<leaf>'`` or ``'<leaf>[i, j]'`` for a batch of matrices);
     ``throttled_fraction``: fraction of matrices whose step was shrunk on
     more than half of the recent steps (about the last 100), i.e. where the

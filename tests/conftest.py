@@ -88,25 +88,20 @@ def floor_sigma(shape, weight_floor=1.0):
 
 
 def ramp(step, length):
-  """The ramp of the first steps on 0-based ``step`` of a ramp over
-  ``length`` steps: ``(step + 1) / length``, at most 1."""
+  """The fraction of the floor (and of the uncovered leaves' steps) on the
+  0-based ``step`` of a ramp over ``length`` steps: ``(step + 1) / length``,
+  at most 1."""
   return min(1.0, (step + 1) / length)
 
 
-def allowed(w, tau, weight_floor=1.0):
+def allowed(w, tau, weight_floor=1.0, step=None):
   """The largest step σ1 the bound allows a matrix ``w`` (batch over the
-  leading axes), from an exact SVD: tau times the larger of σ1(W) and the
-  floor."""
-  return tau * np.maximum(sigma1(w), floor_sigma(np.shape(w), weight_floor))
-
-
-def ramped(w, step, length, weight_floor=1.0):
-  """What the ramp multiplies a matrix's step by on 0-based ``step``: the
-  ramp, but never less than σ1(W) over its floor (1 with no floor)."""
+  leading axes), from an exact SVD; on 0-based ``step`` of the default ramp
+  (over ``1 / tau`` steps), or after it when ``step`` is None."""
   floor = floor_sigma(np.shape(w), weight_floor)
-  if floor == 0:
-    return 1.0
-  return max(ramp(step, length), min(1.0, sigma1(w) / floor))
+  if step is not None:
+    floor = floor * ramp(step, 1 / tau)
+  return tau * np.maximum(sigma1(w), floor)
 
 
 @pytest.fixture
