@@ -161,6 +161,8 @@ def main(argv=None):
   p.add_argument('--report-only', action='store_true',
                  help='tabulate the runs already in <out>.jsonl, run none')
   args = p.parse_args(argv)
+  if args.steps is not None and args.steps < 1:
+    p.error(f'--steps must be at least 1, got {args.steps}')
   if args.quick:
     lrs, seeds, steps, preset, warmup = [3e-2], [0], 30, 'tiny', 10
   else:

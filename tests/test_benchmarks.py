@@ -110,6 +110,9 @@ def test_small_init_sweep_resumes_and_reports(tmp_path, monkeypatch):
   assert [r['steps'] for r in longer] == [45, 45, 45]
   with open(out + '.md') as f:
     assert f.read().startswith('# Small inits: 45 steps')
+  with pytest.raises(SystemExit):  # argparse's error: a message, exit 2
+    small_init.main(argv + ['--steps', '0'])
+  assert len(steps) == 3
 
 
 @pytest.mark.slow
