@@ -8,6 +8,8 @@
     python benchmarks/small_init.py --tasks vit --inits 'std 0.01' \
         --lrs 0.003 --steps 300 --seeds 0 1 2 3 4 5 6 7 --skip-ablations \
         --out benchmarks/results/small_init_vit_300steps  # ~20 minutes
+    OUT=benchmarks/results bash benchmarks/small_init_gpu.sh  # one GPU, 8 min:
+        # ~90 seeds of the std-0.01 ViT cells, nproc - 2 runs at once
 
 A bound relative to σ1(W) throttles a matrix that starts small: with
 ``tau=0.02`` it may grow by 2% of its small self per step. Grid: init scale
@@ -39,12 +41,39 @@ INITS = {'lecun': None, 'std 0.02': 0.02, 'std 0.01': 0.01}
 
 
 def settings(warmup):
-  """(label, optimizer, warmup steps, weight_floor, ramp_steps)."""
-  return [('adamw', 'adamw', 0, None, None),
-          (f'adamw + {warmup} warmup', 'adamw', warmup, None, None),
-          ('adamw2 paper rule (weight_floor=0)', 'adamw2', 0, 0.0, 0),
-          ('adamw2 constant floor (ramp_steps=0)', 'adamw2', 0, None, 0),
-          ('adamw2 (default)', 'adamw2', 0, None, None)]
+  """(label, optimizer, warmup steps, adamw2 options)."""
+  return [('adamw', 'adamw', 0, {}),
+          (f'adamw + {warmup} warmup', 'adamw', warmup, {}),
+          ('adamw2 paper rule (weight_floor=0)', 'adamw2', 0,
+           {'weight_floor': 0.0, 'ramp_steps': 0}),
+          ('adamw2 constant floor (ramp_steps=0)', 'adamw2', 0,
+           {'ramp_steps': 0}),
+          ('adamw2 (default)', 'adamw2', 0, {})]
+
+
+VARIANT_OPTIONS = ('tau', 'weight_floor', 'ramp_steps')
+
+
+def variant(spec: str):
+  """``'weight_floor=2,ramp_steps=25'`` -> a settings row of adamw2 with
+  those options; ValueError on anything else."""
+  options = {}
+  for part in spec.split(','):
+    name, eq, value = part.partition('=')
+    name = name.strip()
+    if not eq or name not in VARIANT_OPTIONS:
+      raise ValueError(f'{spec!r}: expected comma-separated OPTION=NUMBER '
+                       f'with OPTION one of {", ".join(VARIANT_OPTIONS)}')
+    try:
+      number = float(value)
+    except ValueError:
+      raise ValueError(f'{spec!r}: {value!r} is not a number') from None
+    if not np.isfinite(number) or number < 0 or (number == 0 and
+                                                 name == 'tau'):
+      raise ValueError(f'{spec!r}: {name} must be finite and '
+                       f'{"> 0" if name == "tau" else ">= 0"}')
+    options[name] = number
+  return (f'adamw2 {spec.replace(" ", "")}', 'adamw2', 0, options)
 
 
 def key(r):
@@ -94,6 +123,13 @@ def verdicts(runs, task, inits, rows, lrs, warmup):
     for row in rows[2:]:
       diff = sign * (mean(init, row, best) -
                      mean(init, f'adamw + {warmup} warmup', best))
+      # Paired over the seeds both have: seeds differ far more than rules.
+      theirs = {r['seed']: r['score'] for r in cell(
+          runs, task, init, f'adamw + {warmup} warmup', best)}
+      paired = [sign * (r['score'] - theirs[r['seed']]) for r in cell(
+          runs, task, init, row, best) if r['seed'] in theirs]
+      se = (f' ± {np.std(paired, ddof=1) / np.sqrt(len(paired)):.3f}'
+            if len(paired) > 1 else '')
       high = max(lrs)
       others = [mean(init, other, high) for other in rows[:2]]
       mine = mean(init, row, high)
@@ -102,12 +138,14 @@ def verdicts(runs, task, inits, rows, lrs, warmup):
                'yes' if all(sign * mine > sign * o for o in others) else 'no')
       verdict = ('n/a' if np.isnan(diff) else 'neutral or better'
                  if diff >= -margin else 'worse')
-      out.append(f'| {init} | {row} | {best:g} | {diff:+.3f} ({verdict}) | '
+      out.append(f'| {init} | {row} | {best:g} | {diff:+.3f}{se} '
+                 f'({verdict}) | '
                  f'{beats} |')
   return ['| init | setting | best adamw+warmup lr | vs adamw+warmup there '
           f'({"nats, lower" if task == "gpt" else "accuracy, higher"} is '
           'better) | beats both adamw at the highest lr |',
-          '|---|---|---|---|---|'] + out
+          '|---|---|---|---|---|'] + out + [
+              '', '± is the standard error of the difference paired by seed.']
 
 
 def plot(runs, tasks, inits, rows, lrs, path):
@@ -143,6 +181,45 @@ def plot(runs, tasks, inits, rows, lrs, path):
   plt.close(fig)
 
 
+_DATA = {}
+
+
+def run_job(job):
+  """One run of the grid, as a jsonl record. Loads each task's data once per
+  process."""
+  task, init, (label, name, warmup, options), lr, seed, steps, preset = job
+  if task not in _DATA:
+    _DATA[task] = (gpt.CharData(gpt.pydoc_text()) if task == 'gpt' else
+                   vit.digits())
+  r = stability.run_one(task, name, warmup, options.get('tau'), lr, seed,
+                        steps, preset, _DATA[task], init_std=INITS[init],
+                        weight_floor=options.get('weight_floor'),
+                        ramp_steps=options.get('ramp_steps'))
+  r.update(init=init, setting=label, steps=steps, preset=preset,
+           device=stability.common.jax.devices()[0].device_kind)
+  return r
+
+
+def _results(jobs, workers):
+  """Runs ``jobs``, yielding each record as it finishes: in order in this
+  process, or in ``workers`` fresh processes (spawned: JAX does not survive
+  a fork), e.g. to fill a GPU with several small runs."""
+  if workers <= 1 or len(jobs) <= 1:
+    yield from map(run_job, jobs)
+    return
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  with concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=multiprocessing.get_context('spawn')) as pool:
+    futures = [pool.submit(run_job, job) for job in jobs]
+    try:
+      for future in concurrent.futures.as_completed(futures):
+        yield future.result()
+    finally:
+      for future in futures:
+        future.cancel()
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument('--quick', action='store_true')
@@ -158,11 +235,24 @@ def main(argv=None):
                  help="run only adamw, adamw + warmup and adamw2's default "
                  '(not the paper rule and constant floor rows)')
   p.add_argument('--out', default=os.path.join(HERE, 'results', 'small_init'))
+  p.add_argument('--variants', nargs='+', default=[], metavar='SPEC',
+                 help='more adamw2 rows, each comma-separated options, e.g. '
+                 "'weight_floor=2' 'tau=0.05,ramp_steps=25' (options: "
+                 f'{", ".join(VARIANT_OPTIONS)})')
+  p.add_argument('--workers', type=int, default=1,
+                 help='runs at once, each in its own process (default 1; '
+                 'on a GPU, set XLA_PYTHON_CLIENT_PREALLOCATE=false)')
   p.add_argument('--report-only', action='store_true',
                  help='tabulate the runs already in <out>.jsonl, run none')
   args = p.parse_args(argv)
   if args.steps is not None and args.steps < 1:
     p.error(f'--steps must be at least 1, got {args.steps}')
+  if args.workers < 1:
+    p.error(f'--workers must be at least 1, got {args.workers}')
+  try:
+    extra = [variant(spec) for spec in args.variants]
+  except ValueError as e:
+    p.error(str(e))
   if args.quick:
     lrs, seeds, steps, preset, warmup = [3e-2], [0], 30, 'tiny', 10
   else:
@@ -173,6 +263,7 @@ def main(argv=None):
   rows = settings(warmup)
   if args.skip_ablations:
     rows = rows[:2] + rows[-1:]
+  rows += extra
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   done = {}
   if os.path.exists(args.out + '.jsonl'):
@@ -181,35 +272,35 @@ def main(argv=None):
         r = json.loads(line)
         if r.get('steps') == steps and r.get('preset') == preset:
           done[key(r)] = r
-  data = {'gpt': gpt.CharData(gpt.pydoc_text()), 'vit': vit.digits()}
   # Seed by seed, so that a stopped sweep has covered the whole grid once.
   todo = [(task, init, row, lr, seed) for seed in seeds
           for task in args.tasks for init in args.inits for row in rows
           for lr in lrs]
-  runs, t0 = [], time.time()
-  for i, (task, init, (label, name, w, floor, ramp), lr, seed) in enumerate(
-      todo):
-    if (task, init, label, lr, seed) in done:
-      runs.append(done[(task, init, label, lr, seed)])
-      continue
-    if args.report_only:
-      continue
-    r = stability.run_one(task, name, w, None, lr, seed, steps, preset,
-                          data[task], init_std=INITS[init],
-                          weight_floor=floor, ramp_steps=ramp)
-    r.update(init=init, setting=label, steps=steps, preset=preset)
-    runs.append(r)
+  missing = [(task, init, row, lr, seed)
+             for task, init, row, lr, seed in todo
+             if (task, init, row[0], lr, seed) not in done]
+  if args.report_only:
+    missing = []
+  jobs = [(task, init, row, lr, seed, steps, preset)
+          for task, init, row, lr, seed in missing]
+  t0 = time.time()
+  for i, r in enumerate(_results(jobs, args.workers)):
+    done[key(r)] = r
     with open(args.out + '.jsonl', 'a') as f:
       f.write(json.dumps(r) + '\n')
-    print(f'[{i + 1}/{len(todo)} {time.time() - t0:.0f}s]', json.dumps(r),
+    print(f'[{i + 1}/{len(jobs)} {time.time() - t0:.0f}s]', json.dumps(r),
           flush=True)
+  runs = [done[(task, init, row[0], lr, seed)]
+          for task, init, row, lr, seed in todo
+          if (task, init, row[0], lr, seed) in done]
   labels = [r[0] for r in rows]
   with open(args.out + '.json', 'w') as f:
     json.dump({'steps': steps, 'preset': preset, 'seeds': seeds,
                'warmup': warmup, 'runs': runs}, f, indent=1)
   ran = sorted({r['seed'] for r in runs})
+  devices = sorted({r.get('device', 'not recorded') for r in runs})
   lines = [f'# Small inits: {steps} steps, preset {preset}, seeds {ran}, '
-           'no warmup unless stated', '',
+           'no warmup unless stated', '', f'Device: {", ".join(devices)}.', '',
            f'{len(runs)} of the {len(todo)} runs of this grid (a cell '
            'without runs shows –).', '',
            'Cells: mean final train loss (GPT, lower is better) or test '

@@ -115,6 +115,55 @@ def test_small_init_sweep_resumes_and_reports(tmp_path, monkeypatch):
   assert len(steps) == 3
 
 
+def test_small_init_variants_reach_the_optimizer(tmp_path, monkeypatch):
+  """``--variants`` adds adamw2 rows with the options given, labelled by
+  them; a bad spec is an argparse error before anything runs."""
+  import small_init  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def fake_run(task, name, warmup, tau, lr, seed, steps, preset, data,
+               init_std, weight_floor, ramp_steps):
+    del data, init_std
+    calls.append((name, warmup, tau, weight_floor, ramp_steps))
+    return {'task': task, 'setting': 'ignored', 'lr': lr, 'seed': seed,
+            'score': 0.5 + seed / 10 + len(calls) / 100, 'min_entropy': 1.0,
+            'crashed': False, 'bound_active_thirds': [0.5] * 3,
+            'steps': steps, 'preset': preset}
+
+  monkeypatch.setattr(stability, 'run_one', fake_run)
+  out = str(tmp_path / 'small_init')
+  argv = ['--quick', '--tasks', 'vit', '--inits', 'std 0.02', '--out', out,
+          '--skip-ablations', '--seeds', '0', '1']
+  runs = small_init.main(argv + ['--variants', 'tau=0.05,ramp_steps=25',
+                                 'weight_floor=2'])
+  assert calls[:5] == [('adamw', 0, None, None, None),
+                       ('adamw', 10, None, None, None),
+                       ('adamw2', 0, None, None, None),
+                       ('adamw2', 0, 0.05, None, 25.0),
+                       ('adamw2', 0, None, 2.0, None)]
+  assert [r['setting'] for r in runs[:5]] == [
+      'adamw', 'adamw + 10 warmup', 'adamw2 (default)',
+      'adamw2 tau=0.05,ramp_steps=25', 'adamw2 weight_floor=2']
+  assert {r['device'] for r in runs} == {'cpu'}
+  with open(out + '.md') as f:
+    report = f.read()
+  assert 'Device: cpu.' in report
+  # Paired by seed: each row's score minus the warmup run's on the same
+  # seed. Fake scores grow by 0.01 per call, so the weight_floor row (calls
+  # 5 and 10) is 0.03 above the warmup row (calls 2 and 7) on both seeds:
+  # mean +0.030, standard error 0. Unpaired (seed 0 against seed 1) it
+  # would be -0.12.
+  assert ('| std 0.02 | adamw2 weight_floor=2 | 0.03 | +0.030 ± 0.000 '
+          '(neutral or better) | n/a |') in report, report
+  for bad in ['tau=0', 'floor=2', 'weight_floor=two', 'weight_floor',
+              'ramp_steps=-1', 'tau=nan']:
+    with pytest.raises(SystemExit):
+      small_init.main(argv + ['--variants', bad])
+  with pytest.raises(SystemExit):
+    small_init.main(argv + ['--workers', '0'])
+  assert len(calls) == 10
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures('one_device')
 def test_small_init_quick_mode_writes_results_and_resumes(tmp_path):
@@ -136,6 +185,20 @@ def test_small_init_quick_mode_writes_results_and_resumes(tmp_path):
   # A second call finds every run in the .jsonl and trains nothing.
   again = small_init.main(argv + ['--report-only'])
   assert [r['score'] for r in again] == [r['score'] for r in runs]
+  # Two worker processes: seed 0's runs are reused, the five missing runs
+  # train, and the report lists them in grid order, not finishing order.
+  both = small_init.main(argv + ['--skip-ablations', '--seeds', '0', '1',
+                                 '--variants', 'weight_floor=2',
+                                 '--workers', '2'])
+  rows = ['adamw', 'adamw + 10 warmup', 'adamw2 (default)',
+          'adamw2 weight_floor=2']
+  assert [(r['setting'], r['seed']) for r in both] == [
+      (row, seed) for seed in (0, 1) for row in rows]
+  assert [r['score'] for r in both[:2]] == [r['score'] for r in runs[:2]]
+  assert all(np.isfinite(r['score']) and r['device'] == 'cpu'
+             for r in both[3:])
+  with open(out + '.jsonl') as f:
+    assert len(f.read().splitlines()) == 5 + 5
 
 
 def test_warmup_parts_split_the_vits_params():
