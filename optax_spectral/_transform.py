@@ -47,7 +47,6 @@ DEFAULT_WEIGHT_FLOOR = 1.0
 # long stretches shows (diagnostics.bound_summary).
 STATS = ('sigma_weight', 'sigma_update', 'factor', 'bounded_recent')
 RECENT_STEPS = 100
-RAMP_OVERSHOOT = None  # EXPERIMENT
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -524,7 +523,6 @@ def scale_by_spectral_bound(
                                                               jnp.float32)
     ramp = jnp.where(length > 0, jnp.minimum(
         1, (count + 1).astype(jnp.float32) / length), 1)
-    full_floor = floor
     floor = floor * ramp
     new_groups, factors = {}, {}
     recent_weight = jnp.minimum(count + 1, RECENT_STEPS).astype(jnp.float32)
@@ -544,24 +542,12 @@ def scale_by_spectral_bound(
       # Floored at a multiple of σ1 of a variance-preserving random matrix
       # (entries of std 1/sqrt(rows)): 1 + sqrt(cols / rows).
       reference = 1 + math.sqrt(g.cols / g.rows)
-      scale = 1.0
-      if RAMP_OVERSHOOT is None:
-        limit = tau_ * jnp.maximum(sigma_w, floor * reference)
-      else:  # EXPERIMENT
-        whole = full_floor * reference
-        full = tau_ * jnp.maximum(sigma_w, whole)
-        x = jnp.where(full > 0, sigma_d / jnp.where(full > 0, full, 1), 0)
-        rho = jnp.maximum(ramp, jnp.minimum(
-            1, RAMP_OVERSHOOT / jnp.maximum(x, 1e-30)))
-        limit = tau_ * jnp.maximum(sigma_w, whole * rho)
-        scale = jnp.where(whole > 0, jnp.clip(jnp.maximum(
-            ramp, sigma_w / jnp.where(whole > 0, whole, 1)), 0, 1), 1)
+      limit = tau_ * jnp.maximum(sigma_w, floor * reference)
       # A zero limit (σ1(W) = 0 and no floor): no bound, else a zero matrix
       # never moves; σ1(Δ) = 0 or non-finite: the comparison is False and
       # the factor stays 1.
       active = (limit > 0) & (sigma_d > limit)
       factor = jnp.where(active, limit / jnp.where(active, sigma_d, 1), 1)
-      factor = jnp.minimum(factor, scale)
       # In (0, 1] whatever an injected tau is: never reversed, never zero.
       factor = jnp.clip(factor, jnp.finfo(jnp.float32).tiny, 1)
       recent = s.stats[:, 3]
