@@ -166,7 +166,8 @@ def test_small_init_variants_reach_the_optimizer(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures('one_device')
-def test_small_init_quick_mode_writes_results_and_resumes(tmp_path):
+def test_small_init_quick_mode_writes_results_and_resumes(tmp_path,
+                                                         monkeypatch):
   import small_init  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / 'small_init')
   argv = ['--quick', '--tasks', 'gpt', '--inits', 'std 0.01', '--out', out]
@@ -187,6 +188,11 @@ def test_small_init_quick_mode_writes_results_and_resumes(tmp_path):
   assert [r['score'] for r in again] == [r['score'] for r in runs]
   # Two worker processes: seed 0's runs are reused, the five missing runs
   # train, and the report lists them in grid order, not finishing order.
+  # The workers inherit the environment, not one_device's patch: one
+  # simulated device each, as the runs above had.
+  monkeypatch.setenv('XLA_FLAGS', ' '.join(
+      f for f in os.environ.get('XLA_FLAGS', '').split()
+      if 'force_host_platform_device_count' not in f))
   both = small_init.main(argv + ['--skip-ablations', '--seeds', '0', '1',
                                  '--variants', 'weight_floor=2',
                                  '--workers', '2'])
