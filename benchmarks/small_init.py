@@ -152,11 +152,33 @@ def plot(runs, tasks, inits, rows, lrs, path):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  wide = 1 if len(lrs) > 1 else 1.8  # room for the rows' labels
   fig, axes = plt.subplots(len(tasks), len(inits),
-                           figsize=(4.5 * len(inits), 3.6 * len(tasks)),
+                           figsize=(4.5 * wide * len(inits),
+                                    (3.6 if len(lrs) > 1 else
+                                     1 + 0.4 * len(rows)) * len(tasks)),
                            squeeze=False)
   for axrow, task in zip(axes, tasks):
     for ax, init in zip(axrow, inits):
+      if len(lrs) == 1:  # one rate: each row's seeds, not a curve over rates
+        scores = [[r['score'] for r in cell(runs, task, init, row, lrs[0])]
+                  for row in rows]
+        ys = range(len(rows))[::-1]
+        # ``orientation`` is new in matplotlib 3.10, ``vert`` deprecated.
+        sideways = ({'orientation': 'horizontal'} if tuple(
+            int(v) for v in matplotlib.__version__.split('.')[:2]) >= (3, 10)
+                    else {'vert': False})
+        ax.boxplot([s or [np.nan] for s in scores], positions=list(ys),
+                   widths=0.6, showmeans=True, **sideways)
+        for y, s in zip(ys, scores):
+          ax.plot(s, np.full(len(s), y) + np.random.default_rng(y).uniform(
+              -0.2, 0.2, len(s)), '.', color='0.5', alpha=0.5, ms=3)
+        ax.set_yticks(list(ys), [f'{row} ({len(s)} seeds)'
+                                 for row, s in zip(rows, scores)], fontsize=7)
+        ax.set_title(f'{task}, init {init}, lr {lrs[0]:g}')
+        ax.set_xlabel('final train loss' if task == 'gpt' else
+                      'test accuracy')
+        continue
       for row in rows:
         xs, ys, lo, hi = [], [], [], []
         for lr in lrs:
@@ -175,7 +197,8 @@ def plot(runs, tasks, inits, rows, lrs, path):
       ax.set_title(f'{task}, init {init}')
       ax.set_xlabel('peak learning rate')
       ax.set_ylabel('final train loss' if task == 'gpt' else 'test accuracy')
-  axes[0, 0].legend(fontsize=7)
+  if len(lrs) > 1:
+    axes[0, 0].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
