@@ -121,13 +121,13 @@ def verdicts(runs, task, inits, rows, lrs, warmup):
       continue
     best = lrs[int(np.nanargmax(sign * np.array(warm)))]
     for row in rows[2:]:
-      diff = sign * (mean(init, row, best) -
-                     mean(init, f'adamw + {warmup} warmup', best))
-      # Paired over the seeds both have: seeds differ far more than rules.
+      # Paired over the seeds both have (seeds differ far more than rules),
+      # so the difference and its standard error cover the same runs.
       theirs = {r['seed']: r['score'] for r in cell(
           runs, task, init, f'adamw + {warmup} warmup', best)}
       paired = [sign * (r['score'] - theirs[r['seed']]) for r in cell(
           runs, task, init, row, best) if r['seed'] in theirs]
+      diff = np.mean(paired) if paired else np.nan
       se = (f' ± {np.std(paired, ddof=1) / np.sqrt(len(paired)):.3f}'
             if len(paired) > 1 else '')
       high = max(lrs)
@@ -145,7 +145,8 @@ def verdicts(runs, task, inits, rows, lrs, warmup):
           f'({"nats, lower" if task == "gpt" else "accuracy, higher"} is '
           'better) | beats both adamw at the highest lr |',
           '|---|---|---|---|---|'] + out + [
-              '', '± is the standard error of the difference paired by seed.']
+              '', 'The difference is the mean over the seeds both rows have, '
+              '± its standard error.']
 
 
 def plot(runs, tasks, inits, rows, lrs, path):
