@@ -1,5 +1,6 @@
 """The benchmarks' rules, and their quick modes (what CI can afford)."""
 
+import json
 import os
 import sys
 
@@ -153,6 +154,17 @@ def test_small_init_variants_reach_the_optimizer(tmp_path, monkeypatch):
   # 5 and 10) is 0.03 above the warmup row (calls 2 and 7) on both seeds:
   # mean +0.030, standard error 0. Unpaired (seed 0 against seed 1) it
   # would be -0.12.
+  assert ('| std 0.02 | adamw2 weight_floor=2 | 0.03 | +0.030 ± 0.000 '
+          '(neutral or better) | n/a |') in report, report
+  # A row with a seed the warmup row lacks: that seed is left out of the
+  # difference, which stays +0.030 (the unpaired difference of means would
+  # be (0.55 + 0.70 + 0) / 3 - (0.52 + 0.67) / 2 = -0.178).
+  with open(out + '.jsonl', 'a') as f:
+    f.write(json.dumps(dict(runs[4], seed=2, score=0.0)) + '\n')
+  small_init.main(argv[:-2] + ['0', '1', '2', '--variants', 'weight_floor=2',
+                               '--report-only'])
+  with open(out + '.md') as f:
+    report = f.read()
   assert ('| std 0.02 | adamw2 weight_floor=2 | 0.03 | +0.030 ± 0.000 '
           '(neutral or better) | n/a |') in report, report
   for bad in ['tau=0', 'floor=2', 'weight_floor=two', 'weight_floor',
