@@ -68,17 +68,26 @@ def compute_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _explicit_mesh() -> bool:
-  mesh = jax.sharding.get_abstract_mesh()
-  return not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types
+def _explicit_mesh(x: jax.Array):
+  """The mesh of ``x``'s type if it has Explicit axes (its sharding is then
+  part of its type, inside and outside ``jax.set_mesh``), else None."""
+  sharding = getattr(jax.typeof(x), 'sharding', None)
+  mesh = getattr(sharding, 'mesh', None)
+  if mesh is None or mesh.empty or (
+      jax.sharding.AxisType.Explicit not in mesh.axis_types):
+    return None
+  return mesh
 
 
 def replicated(x: jax.Array) -> jax.Array:
-  """``x`` replicated under an Explicit mesh (which would otherwise refuse
-  to combine differently sharded per-matrix numbers); unchanged otherwise."""
-  if not _explicit_mesh():
+  """``x`` replicated where its axes are Explicit (JAX would otherwise
+  refuse to combine differently sharded per-matrix numbers); unchanged
+  otherwise."""
+  mesh = _explicit_mesh(x)
+  if mesh is None:
     return x
-  return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+  return jax.sharding.reshard(
+      x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 def _product(block: jax.Array, matrix: jax.Array, *, contract_rows: bool,
@@ -97,12 +106,14 @@ def _product(block: jax.Array, matrix: jax.Array, *, contract_rows: bool,
   spec = '...km,...mn->...kn' if contract_rows else '...kn,...mn->...km'
   block = block.astype(matrix.dtype)
   kwargs = dict(precision=PRECISION, preferred_element_type=acc)
-  if not _explicit_mesh():
+  mesh = _explicit_mesh(matrix)
+  if mesh is None:
     return jnp.einsum(spec, block, matrix, **kwargs)
   mspec = tuple(jax.typeof(matrix).sharding.spec)
   mspec += (None,) * (matrix.ndim - len(mspec))
   kept = mspec[-1] if contract_rows else mspec[-2]
-  out = jax.sharding.PartitionSpec(*mspec[:-2], None, kept)
+  out = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(*mspec[:-2], None, kept))
   y = jnp.einsum(spec, block, matrix, out_sharding=out, **kwargs)
   return replicated(y)
 
@@ -221,23 +232,49 @@ def _gram(a: jax.Array) -> jax.Array:
 # --- one iteration on groups of same-shaped matrices. -----------------------
 
 
+def mesh_size() -> int:
+  """Devices of the mesh the program is traced under (``jax.set_mesh``); 1
+  without one. (Params sharded by ``jit``'s ``in_shardings`` alone, with no
+  mesh set, look unsharded here: pass ``stack_matrices=False``.)"""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else mesh.size
+
+
+def stacks_matrices(matrices: Sequence[jax.Array] = ()) -> bool:
+  """Whether a group's plain 2-D matrices are stacked into one copy per step.
+
+  Only on one accelerator: there each product is then one kernel per shape
+  instead of one per matrix, which the copies pay for (H200, README "Cost").
+  Under a mesh of several devices the copies would cost what they save
+  nowhere else: a stacked operand takes one sharding for matrices sharded in
+  different ways, so XLA all-gathers whole matrices into it (8B Llama shapes
+  over 16 devices: 10 GiB per step and 9x the per-device param bytes of
+  scratch memory, benchmarks/scale_out.py); and even where it need not, the
+  copies of W and Δ cost two params' worth of scratch memory. There each
+  device multiplies its own shards in place, and only vectors travel.
+  """
+  if launches_are_cheap():
+    return False
+  meshes = [_explicit_mesh(m) for m in matrices]
+  return max([mesh_size()] + [m.size for m in meshes if m is not None]) <= 1
+
+
 def stack_group(matrices: Sequence[jax.Array]) -> list[jax.Array]:
-  """The operands of a group's products: runs of plain matrices stacked.
+  """The operands of a group's products: runs of plain matrices stacked
+  where :func:`stacks_matrices`, else every matrix in place.
 
   A Python list of 12 layers gives 12 two-dimensional leaves of one shape;
   stacked into one ``(12, m, n)`` copy, each product is one batched kernel
   for the whole run rather than one kernel (and a slice and a copy of the
   vectors) per matrix. The copies cost bandwidth, and peak memory while the
-  step's products run (README, "Cost"): where kernels are cheap
-  (:func:`launches_are_cheap`, CPUs), every matrix is used in place. Leaves
-  that are already batches of matrices (e.g. stacked by ``nnx.scan``) are
-  used in place everywhere.
+  step's products run (README, "Cost"). Leaves that are already batches of
+  matrices (e.g. stacked by ``nnx.scan``) are used in place everywhere.
   """
-  if launches_are_cheap():
+  if not stacks_matrices(matrices):
     return list(matrices)
-  explicit = _explicit_mesh()
   # Under an Explicit mesh, only matrices of one sharding can be stacked.
-  spec = lambda x: tuple(jax.typeof(x).sharding.spec) if explicit else None
+  spec = lambda x: (tuple(jax.typeof(x).sharding.spec) if _explicit_mesh(x)
+                    is not None else None)
   chunks, run = [], []
   def flush():
     if run:
