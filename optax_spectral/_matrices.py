@@ -62,6 +62,12 @@ class MatrixView(NamedTuple):
     return (f'bounded: batch {self.batch_shape} (axes {self.batch_axes}) '
             f'of {matrix} matrices')
 
+  @property
+  def long_axes(self) -> tuple[int, ...]:
+    """The leaf's axes that form the matrices' longer side (the side the
+    power iteration's vectors live on)."""
+    return self.reduction_axes if self.rows > self.cols else self.output_axes
+
   def to_matrices(self, x: jax.Array) -> jax.Array:
     """``x`` as an array of shape ``batch_shape + (rows, cols)``."""
     perm = self.batch_axes + self.reduction_axes + self.output_axes

@@ -23,6 +23,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from optax_spectral import _layout
+from optax_spectral._layout import replicated
+
 # Products with the matrices run at full float32 precision: GPUs default to
 # TF32 for float32 matmuls, which leaves σ1 off by ~3e-4 relative. The
 # products are memory-bound (k ≤ 8 columns), so this costs no time.
@@ -68,54 +71,29 @@ def compute_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _explicit_mesh(x: jax.Array):
-  """The mesh of ``x``'s type if it has Explicit axes (its sharding is then
-  part of its type, inside and outside ``jax.set_mesh``), else None."""
-  sharding = getattr(jax.typeof(x), 'sharding', None)
-  mesh = getattr(sharding, 'mesh', None)
-  if mesh is None or mesh.empty or (
-      jax.sharding.AxisType.Explicit not in mesh.axis_types):
-    return None
-  return mesh
-
-
-def replicated(x: jax.Array) -> jax.Array:
-  """``x`` replicated where its axes are Explicit (JAX would otherwise
-  refuse to combine differently sharded per-matrix numbers); unchanged
-  otherwise."""
-  mesh = _explicit_mesh(x)
-  if mesh is None:
-    return x
-  return jax.sharding.reshard(
-      x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-
-
 def _product(block: jax.Array, matrix: jax.Array, *, contract_rows: bool,
              acc) -> jax.Array:
   """``block (…, k, m) · matrix (…, m, n) → (…, k, n)`` if ``contract_rows``,
   else ``block (…, k, n) · matrix(…, m, n)ᵀ → (…, k, m)``.
 
-  Under an Explicit mesh, a product that contracts a sharded axis must name
-  its output sharding. Naming "replicated" would make XLA all-gather the whole
-  matrix; instead the product keeps the matrix's sharding on its uncontracted
-  axis, so each device multiplies its own shard, and only then is the result
-  — a few vectors — replicated: one all-reduce and one all-gather of ``k × m``
-  or ``k × n`` numbers. Under Auto meshes (or none) the compiler decides, and
-  finds the same plan.
+  Each device multiplies its own shard of the matrix. Under Explicit axes
+  the block is first laid out along the matrix's contracted axis (an
+  all-gather of vectors where it is stored more finely), and the result
+  keeps the matrix's sharding on its other axis: a contraction over a
+  sharded axis is then a reduce-scatter of ``k`` vectors, never a gathered
+  matrix. Under Auto axes (or none) XLA finds the same plan.
   """
   spec = '...km,...mn->...kn' if contract_rows else '...kn,...mn->...km'
-  block = block.astype(matrix.dtype)
   kwargs = dict(precision=PRECISION, preferred_element_type=acc)
-  mesh = _explicit_mesh(matrix)
-  if mesh is None:
+  mspec = _layout.matrix_spec(matrix)
+  contracted, kept = (-2, -1) if contract_rows else (-1, -2)
+  block = _layout.along(block, matrix, contracted).astype(matrix.dtype)
+  if mspec is None:
     return jnp.einsum(spec, block, matrix, **kwargs)
-  mspec = tuple(jax.typeof(matrix).sharding.spec)
-  mspec += (None,) * (matrix.ndim - len(mspec))
-  kept = mspec[-1] if contract_rows else mspec[-2]
   out = jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec(*mspec[:-2], None, kept))
-  y = jnp.einsum(spec, block, matrix, out_sharding=out, **kwargs)
-  return replicated(y)
+      _layout.explicit_mesh(matrix),
+      jax.sharding.PartitionSpec(*mspec[:-2], None, mspec[kept]))
+  return jnp.einsum(spec, block, matrix, out_sharding=out, **kwargs)
 
 
 # --- k × k arithmetic, batched over all matrices, elementwise in jnp. ------
@@ -225,19 +203,17 @@ def _top_eigenvalue(s: jax.Array) -> jax.Array:
   return jnp.sum(p * s, axis=(-2, -1))
 
 
-def _gram(a: jax.Array) -> jax.Array:
+def _gram(a: jax.Array, replicate: bool = False) -> jax.Array:
+  if replicate and _layout.explicit_mesh(a) is not None:
+    # Contracts a sharded axis: the output's layout must be named.
+    out = jax.sharding.NamedSharding(_layout.explicit_mesh(a),
+                                     jax.sharding.PartitionSpec())
+    return jnp.einsum('...ki,...li->...kl', a, a, precision=PRECISION,
+                      out_sharding=out)
   return jnp.einsum('...ki,...li->...kl', a, a, precision=PRECISION)
 
 
 # --- one iteration on groups of same-shaped matrices. -----------------------
-
-
-def mesh_size() -> int:
-  """Devices of the mesh the program is traced under (``jax.set_mesh``); 1
-  without one. (Params sharded by ``jit``'s ``in_shardings`` alone, with no
-  mesh set, look unsharded here: pass ``stack_matrices=False``.)"""
-  mesh = jax.sharding.get_abstract_mesh()
-  return 1 if mesh.empty else mesh.size
 
 
 def stacks_matrices(matrices: Sequence[jax.Array] = ()) -> bool:
@@ -255,8 +231,7 @@ def stacks_matrices(matrices: Sequence[jax.Array] = ()) -> bool:
   """
   if launches_are_cheap():
     return False
-  meshes = [_explicit_mesh(m) for m in matrices]
-  return max([mesh_size()] + [m.size for m in meshes if m is not None]) <= 1
+  return _layout.size(_layout.mesh_of(matrices)) <= 1
 
 
 def stack_group(matrices: Sequence[jax.Array]) -> list[jax.Array]:
@@ -273,8 +248,7 @@ def stack_group(matrices: Sequence[jax.Array]) -> list[jax.Array]:
   if not stacks_matrices(matrices):
     return list(matrices)
   # Under an Explicit mesh, only matrices of one sharding can be stacked.
-  spec = lambda x: (tuple(jax.typeof(x).sharding.spec) if _explicit_mesh(x)
-                    is not None else None)
+  spec = _layout.matrix_spec
   chunks, run = [], []
   def flush():
     if run:
@@ -302,17 +276,26 @@ def frobenius_norms(chunks: Sequence[jax.Array], acc) -> jax.Array:
       for c in chunks]))
 
 
+class _Products(NamedTuple):
+  """One chunk's products, in the layout of its matrix ``batch + (m, n)``."""
+  x: jax.Array    # batch + (k, L): the block, along the matrix's long side
+  y: jax.Array    # batch + (k, S): Y = A X
+  ay: jax.Array   # batch + (k, L): Aᵀ Y
+
+
 def _products(chunks: Sequence[jax.Array], block: jax.Array):
   """Both products of each matrix of a group with its rows of ``block``.
 
   ``chunks`` (from :func:`stack_group`) all have shape ``batch_i + (m, n)``;
   ``block`` is ``(B, k, L)``, ``B = Σ|batch_i|``, its rows on the longer
-  side. Returns ``Y = A X`` ``(B, k, S)`` and ``Aᵀ Y`` ``(B, k, L)``. Only
-  these products run per chunk; everything after them runs once per group.
+  side. Returns one :class:`_Products` per chunk, each left in its matrix's
+  layout: only their ``k × k`` Grams are gathered and concatenated per group
+  (a concatenation of vectors would need one layout for matrices sharded in
+  different ways).
   """
   m, n = chunks[0].shape[-2:]
   tall = m > n
-  ys, zs, start = [], [], 0
+  out, start = [], 0
   for mat in chunks:
     batch = mat.shape[:-2]
     size = math.prod(batch)
@@ -320,11 +303,24 @@ def _products(chunks: Sequence[jax.Array], block: jax.Array):
     x = x.reshape(batch + block.shape[1:])
     start += size
     y = _product(x, mat, contract_rows=tall, acc=block.dtype)
-    z = _product(y, mat, contract_rows=not tall, acc=block.dtype)
-    ys.append(y.reshape((size,) + y.shape[-2:]))
-    zs.append(z.reshape((size,) + z.shape[-2:]))
-  cat = lambda xs: jnp.concatenate(xs) if len(xs) > 1 else xs[0]
-  return cat(ys), cat(zs)
+    ay = _product(y, mat, contract_rows=not tall, acc=block.dtype)
+    out.append(_Products(_layout.along(x, mat, -2 if tall else -1), y, ay))
+  if len(out) > 1 and _layout.matrix_spec(chunks[0]) is None:
+    # Unless Explicit axes pin each chunk's layout, the group's vectors are
+    # concatenated: its k × k work and next block are then one kernel each
+    # per group, not per matrix (on CPUs and on one GPU).
+    flat = lambda a: a.reshape((-1,) + a.shape[-2:])
+    out = [_Products(*[jnp.concatenate([flat(a) for a in arrays])
+                       for arrays in zip(*out)])]
+  return out
+
+
+def _chunk_grams(arrays: Sequence[jax.Array]) -> jax.Array:
+  """``(B, k, k)`` Grams of a group's per-chunk ``batch_i + (k, len)``
+  arrays, replicated (an all-reduce of ``k × k`` numbers per matrix)."""
+  grams = [replicated(_gram(a, replicate=True)).reshape(
+      (-1,) + a.shape[-2:-1] * 2) for a in arrays]
+  return jnp.concatenate(grams) if len(grams) > 1 else grams[0]
 
 
 def _over_groups(fn, *per_group):
@@ -387,12 +383,12 @@ def orthonormalize(blocks: Sequence[jax.Array]) -> list[jax.Array]:
   blocks = list(blocks)
   for _ in range(2 if blocks else 0):
     coeffs = _over_groups(lambda g: (_orthonormalizer(g),),
-                          [_gram(b) for b in blocks])
+                          [_gram(b, replicate=True) for b in blocks])
     blocks = [_mm(c, b) for (c,), b in zip(coeffs, blocks)]
   return blocks
 
 
-def _iteration(groups, blocks) -> list[_Estimate]:
+def _iteration(groups, blocks, layouts) -> list[_Estimate]:
   """One block iteration on every group of matrices.
 
   ``Y = A X``, ``U = orth(Y)``, ``Z = Aᵀ U``, ``X ← orth(Aᵀ Y + μ X)``;
@@ -406,8 +402,8 @@ def _iteration(groups, blocks) -> list[_Estimate]:
   remains.
   """
   products = [_products(g, x) for g, x in zip(groups, blocks)]
-  grams_y = [_gram(y) for y, _ in products]
-  grams_ay = [_gram(ay) for _, ay in products]
+  grams_y = [_chunk_grams([p.y for p in chunks]) for chunks in products]
+  grams_ay = [_chunk_grams([p.ay for p in chunks]) for chunks in products]
 
   def small(gram_y, gram_ay):
     # The next block spans Aᵀ Y, plus μ X (μ ~ 1% of Aᵀ Y's rows), which
@@ -427,9 +423,20 @@ def _iteration(groups, blocks) -> list[_Estimate]:
     return coeff_x, mix[..., 0], sigma, half, ok
 
   out = []
-  for (cx, mix, sigma, half, ok), (_, ay), x in zip(
-      _over_groups(small, grams_y, grams_ay), products, blocks):
-    new = _mm(cx, ay + mix[..., None] * x)
+  for (cx, mix, sigma, half, ok), chunks, x, layout in zip(
+      _over_groups(small, grams_y, grams_ay), products, blocks, layouts):
+    # The next block, chunk by chunk in its matrix's layout, then stored.
+    new, start = [], 0
+    for p in chunks:
+      batch = p.x.shape[:-2]
+      size = math.prod(batch)
+      rows = slice(start, start + size)
+      start += size
+      coeff = _layout.batch_like(cx[rows].reshape(batch + cx.shape[1:]), p.ay)
+      mu = _layout.batch_like(mix[rows].reshape(batch + (1, 1)), p.ay)
+      nxt = _mm(coeff, p.ay + mu * p.x)
+      new.append(_layout.place(_layout.flat_batch(nxt, batch), *layout))
+    new = jnp.concatenate(new) if len(new) > 1 else new[0]
     out.append(_Estimate(sigma, half, jnp.where(ok[:, None, None], new, x),
                          ok))
   return out
@@ -461,13 +468,20 @@ def iterate_groups(
   # Stacked once per step (not per iteration): XLA then holds fewer copies.
   # Groups a caller stacked already pass through unchanged.
   groups = [stack_group(g) for g in groups]
+  # The blocks stay in their storage layout between iterations and steps.
+  layouts = []
+  for g, b in zip(groups, blocks):
+    mesh = _layout.mesh_of(g)
+    layouts.append((mesh, _layout.vector_spec(
+        mesh, b.shape[-1], [_layout.chunk_axes(c) for c in g])))
   zeros = [jnp.zeros(b.shape[:1], b.dtype) for b in blocks]
-  carry = ([jnp.asarray(b) for b in blocks], zeros, zeros,
+  carry = ([_layout.place(jnp.asarray(b), *layout)
+            for b, layout in zip(blocks, layouts)], zeros, zeros,
            [jnp.zeros(b.shape[:1], bool) for b in blocks])
 
   def body(i, carry, counts=None):
     """One iteration; groups whose count is reached keep their carry."""
-    estimates = _iteration(groups, carry[0])
+    estimates = _iteration(groups, carry[0], layouts)
     new = [(e.block, e.sigma, e.sigma_half, e.ok) for e in estimates]
     if counts is None:
       return tuple(list(x) for x in zip(*new))

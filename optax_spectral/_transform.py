@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_spectral import _layout
 from optax_spectral import _matrices
 from optax_spectral import _power_iteration
 from optax_spectral._power_iteration import compute_dtype
@@ -448,6 +449,14 @@ def scale_by_spectral_bound(
           jnp.asarray(num_iterations_first, jnp.int32))
       blocks = [(w.astype(g.dtype), u)
                 for g, w, (_, u) in zip(plan, weights, blocks)]
+    # Stored sharded along their length where the params are on a mesh
+    # (each device keeps 1/devices of them), as every update leaves them.
+    mesh = _layout.mesh_of([leaves[n] for n in views])
+    specs = [_layout.vector_spec(mesh, g.long, [
+        _layout.leaf_axes(leaves[n], views[n].long_axes) for n in g.names])
+             for g in plan]
+    blocks = [(_layout.place(w, mesh, spec), _layout.place(u, mesh, spec))
+              for (w, u), spec in zip(blocks, specs)]
     stats = lambda g, sigma: jnp.stack(
         [sigma.astype(jnp.float32)] + [jnp.full(sum(g.sizes), x, jnp.float32)
                                        for x in (0, 1, 0)], -1)

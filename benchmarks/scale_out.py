@@ -1,0 +1,478 @@
+"""Sharded at scale, compile only: adamw2 against optax.adamw per device.
+
+    python benchmarks/scale_out.py            # ~10 minutes on 2 CPU cores
+    python benchmarks/scale_out.py --quick    # a few configs (CI's test)
+
+Builds Llama-like param trees as abstract arrays (``jax.ShapeDtypeStruct``
+with a ``NamedSharding``: nothing is allocated) at 1B, 8B and 70B shapes, as
+a Python list of layers and as scanned (stacked) layers, on simulated CPU
+devices over fsdp-only and fsdp x tp meshes, with Auto and Explicit axes;
+compiles ``optax.apply_updates(params, tx.update(grads, state, params))``
+(params and state donated, as a training loop does) for ``optax.adamw`` and
+``optax_spectral.adamw2`` (and ``optax.contrib.muon`` as a reference), each
+with the structure GPUs/TPUs compile (``_power_iteration.launches_are_cheap``
+False: stacked groups where allowed, unrolled iteration) and the CPUs' one;
+and a whole training step of the GPT example at ~1B shapes. Reports, per
+config and per device: the temp memory over adamw's (as a multiple of the
+per-device param bytes), the peak memory, the optimizer-state bytes, the
+collectives by kind (count and bytes; and whether any all-gather moves a
+matrix), and the compile time, each against adamw compiled the same way.
+
+Writes benchmarks/results/cpu-scale_out{,-quick}.{md,json}.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+
+DEVICES = 64
+
+
+def _set_devices(n: int) -> None:
+  flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '',
+                 os.environ.get('XLA_FLAGS', ''))
+  os.environ['XLA_FLAGS'] = (
+      f'{flags} --xla_force_host_platform_device_count={n}')
+
+
+if __name__ == '__main__':
+  _set_devices(DEVICES)
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jax.sharding import AxisType  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import optax_spectral  # pylint: disable=g-import-not-at-top,wrong-import-position
+from optax_spectral import _power_iteration  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  """A Llama-like decoder: grouped-query attention, SwiGLU MLP, untied
+  embedding and head, RMS norm scales."""
+  layers: int
+  d: int
+  kv: int       # width of the key and value projections
+  mlp: int
+  vocab: int = 128256
+
+
+SHAPES = {
+    '1B': Shape(16, 2048, 512, 8192),     # Llama-3.2-1B
+    '8B': Shape(32, 4096, 1024, 14336),   # Llama-3-8B
+    '70B': Shape(80, 8192, 1024, 28672),  # Llama-3-70B
+    'test': Shape(4, 64, 32, 128, 256),
+}
+
+# Column-parallel projections shard their output on 'tp', row-parallel
+# their input (Megatron); fsdp takes the other axis. Norm scales replicated.
+_COLUMN = ('wq', 'wk', 'wv', 'w1', 'w3')
+_ROW = ('wo', 'w2')
+
+
+def _layer_shapes(s: Shape) -> dict:
+  return {'wq': (s.d, s.d), 'wk': (s.d, s.kv), 'wv': (s.d, s.kv),
+          'wo': (s.d, s.d), 'w1': (s.d, s.mlp), 'w3': (s.d, s.mlp),
+          'w2': (s.mlp, s.d), 'attn_norm': (s.d,), 'mlp_norm': (s.d,)}
+
+
+def _spec(name: str, tp: bool) -> tuple:
+  if name.endswith('norm'):
+    return (None,)
+  if not tp:
+    return ('fsdp', None)
+  if name in _ROW or name == 'embed':
+    return ('tp', 'fsdp')
+  return ('fsdp', 'tp')
+
+
+def llama_params(shape: Shape, mesh, *, scan: bool, dtype=jnp.float32):
+  """Abstract params: ``{'embed', 'layers', 'norm', 'head'}``, ``layers`` a
+  list of per-layer dicts or one dict of ``(layers, ...)`` stacks."""
+  tp = 'tp' in mesh.axis_names
+  leaf = lambda shp, spec: jax.ShapeDtypeStruct(
+      shp, dtype, sharding=NamedSharding(mesh, P(*spec)))
+  per_layer = _layer_shapes(shape)
+  if scan:
+    layers = {k: leaf((shape.layers,) + v, (None,) + _spec(k, tp))
+              for k, v in per_layer.items()}
+  else:
+    layers = [{k: leaf(v, _spec(k, tp)) for k, v in per_layer.items()}
+              for _ in range(shape.layers)]
+  return {'embed': leaf((shape.vocab, shape.d), _spec('embed', tp)),
+          'layers': layers,
+          'norm': leaf((shape.d,), (None,)),
+          'head': leaf((shape.d, shape.vocab), _spec('head', tp))}
+
+
+def dimension_numbers(params):
+  """Every weight matrix, per layer when stacked; not the norm scales."""
+  dims = optax_spectral.SpectralDimensionNumbers(-2, -1)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: None if 'norm' in jax.tree_util.keystr(path) else dims,
+      params)
+
+
+def make_mesh(devices: int, tp: int, axis_type):
+  if tp > 1:
+    return jax.make_mesh((devices // tp, tp), ('fsdp', 'tp'),
+                         axis_types=(axis_type,) * 2,
+                         devices=jax.devices()[:devices])
+  return jax.make_mesh((devices,), ('fsdp',), axis_types=(axis_type,),
+                       devices=jax.devices()[:devices])
+
+
+def optimizers(which=('adamw', 'adamw2')) -> dict:
+  out = {}
+  if 'adamw' in which:
+    out['adamw'] = optax.adamw(1e-3, weight_decay=0.1)
+  if 'adamw2' in which:
+    out['adamw2'] = optax_spectral.adamw2(
+        1e-3, weight_decay=0.1, dimension_numbers=dimension_numbers)
+  if 'muon' in which:
+    out['muon'] = optax.contrib.muon(1e-3)
+  return out
+
+
+# --- what a compiled program costs ------------------------------------------
+
+_COLLECTIVE = re.compile(
+    r'=\s*(\(?[^=]*?\)?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|'
+    r'collective-permute|collective-broadcast)(-start)?\(')
+_ARRAY = re.compile(r'(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)'
+                    r'\[([\d,]*)\]')
+_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2,
+          'f16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8,
+          'f64': 8}
+
+
+def _is_matrix(dims, block_size: int) -> bool:
+  """Whether an array moved by a collective is (a piece of) a matrix: its
+  last two axes longer than 1 are both longer than the power iteration's
+  block, which a block of vectors ``(…, k, L)`` or ``(…, L, k)`` and a
+  ``k × k`` Gram are not."""
+  dims = [d for d in dims if d > 1]
+  return len(dims) >= 2 and min(dims[-2:]) > block_size
+
+
+def collectives(hlo: str, block_size: int = 8) -> list[dict]:
+  """Every collective of a compiled module: kind, result shapes and bytes,
+  and whether it moves a matrix (:func:`_is_matrix`)."""
+  out = []
+  for line in hlo.splitlines():
+    m = _COLLECTIVE.search(line)
+    if not m:
+      continue
+    shapes = [(t, [int(d) for d in dims.split(',') if d])
+              for t, dims in _ARRAY.findall(m.group(1))]
+    if m.group(3) and m.group(2) == 'all-gather':
+      shapes = shapes[len(shapes) // 2:]  # (operand, result) of a start
+    size = sum(_BYTES[t] * int(np.prod(d, dtype=np.int64)) for t, d in shapes)
+    out.append({'kind': m.group(2), 'bytes': size,
+                'matrix': any(_is_matrix(d, block_size) for _, d in shapes),
+                'shapes': [f'{t}{d}' for t, d in shapes]})
+  return out
+
+
+def shard_bytes(tree) -> int:
+  """Bytes per device (the first device's shards) of an abstract tree."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if getattr(
+        x, 'sharding', None) is not None else x.shape
+    total += int(np.prod(shape, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
+  return total
+
+
+def abstract_state(tx, params, mesh):
+  """The optimizer state as abstract arrays, laid out as ``tx.init`` lays
+  it out for params on ``mesh`` (concrete params: Adam's moments like their
+  params, adamw2's vectors as :mod:`optax_spectral._layout` says). Traced
+  under an Explicit twin of the mesh, whose types carry the shardings that
+  an eager ``init`` would give, then moved onto ``mesh``."""
+  twin = jax.sharding.Mesh(
+      mesh.devices, mesh.axis_names,
+      axis_types=(AxisType.Explicit,) * len(mesh.axis_names))
+  typed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=NamedSharding(twin, x.sharding.spec)), params)
+  with jax.set_mesh(twin):
+    state = jax.eval_shape(tx.init, typed)
+  spec = lambda x: getattr(getattr(x, 'sharding', None), 'spec', P())
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=NamedSharding(mesh, spec(x))), state)
+
+
+def compile_update(tx, params, mesh):
+  """Compiles update + apply on abstract args; returns its measurements."""
+  state = abstract_state(tx, params, mesh)
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  start = time.perf_counter()
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+        params, state, params).compile()
+  seconds = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  coll = collectives(compiled.as_text())
+  return {
+      'compile_s': seconds,
+      'temp': int(mem.temp_size_in_bytes),
+      # jax's peak_memory_in_bytes leaves out temp memory on XLA:CPU.
+      'peak': int(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                  + mem.temp_size_in_bytes - mem.alias_size_in_bytes),
+      'state': shard_bytes(state),
+      'collectives': summarize(coll),
+      'matrix_moves': [f"{c['kind']} {c['shapes']}" for c in coll
+                       if c['matrix']][:5],
+  }
+
+
+def summarize(coll: list[dict]) -> dict:
+  kinds = {}
+  for c in coll:
+    entry = kinds.setdefault(c['kind'], {'count': 0, 'bytes': 0})
+    entry['count'] += 1
+    entry['bytes'] += c['bytes']
+  return kinds
+
+
+def run_config(size, scan, devices, tp, axis_type, structure, which):
+  mesh = make_mesh(devices, tp, getattr(AxisType, axis_type))
+  params = llama_params(SHAPES[size], mesh, scan=scan)
+  _power_iteration.launches_are_cheap = lambda: structure == 'cpu'
+  out = {'what': 'update + apply', 'size': size,
+         'layers': 'scan' if scan else 'list', 'devices': devices,
+         'mesh': f'fsdp {devices // tp} x tp {tp}' if tp > 1 else
+                 f'fsdp {devices}', 'axes': axis_type,
+         'structure': structure, 'param_bytes': shard_bytes(params)}
+  for name, tx in optimizers(which).items():
+    try:
+      out[name] = compile_update(tx, params, mesh)
+    except Exception as e:  # pylint: disable=broad-except
+      out[name] = {'error': f'{type(e).__name__}: {str(e)[:300]}'}
+  return out
+
+
+# --- a whole training step of the GPT example ---------------------------------
+
+def gpt_config(quick: bool):
+  sys.path.insert(0, os.path.join(HERE, '..', 'examples'))
+  import gpt  # pylint: disable=g-import-not-at-top
+  if quick:
+    return gpt.GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=2,
+                         n_embd=128), 'tiny'
+  # ~1.3B: GPT-2 XL's width at 24 layers, a GPT-2 vocabulary.
+  return gpt.GPTConfig(vocab_size=50304, block_size=1024, n_layer=24,
+                       n_head=16, n_embd=2048), '1.3B (24 x 2048)'
+
+
+def compile_train_step(cfg, batch, devices, name, structure):
+  """The GPT example's ``train_step`` (``nnx.Optimizer``, its ``fsdp``
+  mesh, Auto axes) compiled on abstract state; its measurements."""
+  import common  # pylint: disable=g-import-not-at-top
+  import gpt  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  _power_iteration.launches_are_cheap = lambda: structure == 'cpu'
+  mesh = jax.make_mesh((devices,), (common.AXIS,),
+                       axis_types=(AxisType.Auto,),
+                       devices=jax.devices()[:devices])
+  with jax.set_mesh(mesh):
+    def build():
+      model = gpt.GPT(cfg, nnx.Rngs(0))
+      tx = common.make_optimizer(common.OptimizerConfig(name=name), model)
+      return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+    graphdef, state = nnx.split(nnx.eval_shape(build))
+    specs = nnx.get_partition_spec(state)
+    abstract = jax.tree.map(
+        lambda x, spec: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=NamedSharding(
+                mesh, spec if isinstance(spec, P) else P())),
+        state, specs, is_leaf=lambda x: isinstance(x, P))
+    tokens = jax.ShapeDtypeStruct((batch, cfg.block_size), jnp.int32,
+                                  sharding=NamedSharding(mesh, P(common.AXIS)))
+
+    def step(state, x, y):
+      model, optimizer = nnx.merge(graphdef, state)
+      loss, _ = gpt.train_step(model, optimizer, x, y)
+      return nnx.state((model, optimizer)), loss
+
+    start = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0,)).lower(
+        abstract, tokens, tokens).compile()
+    seconds = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  coll = collectives(compiled.as_text())
+  params = nnx.state(nnx.merge(graphdef, abstract)[0], nnx.Param)
+  return {
+      'compile_s': seconds, 'temp': int(mem.temp_size_in_bytes),
+      'peak': int(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                  + mem.temp_size_in_bytes - mem.alias_size_in_bytes),
+      'param_bytes': shard_bytes(params),
+      'collectives': summarize(coll),
+      'matrix_moves': [f"{c['kind']} {c['shapes']}" for c in coll
+                       if c['matrix']][:5]}
+
+
+# --- the study ----------------------------------------------------------------
+
+def update_configs(quick: bool):
+  """(size, scan, devices, tp, axes, structure)."""
+  if quick:
+    return [('test', scan, 8, tp, axes, 'accelerators')
+            for scan in (False, True) for tp in (1, 2)
+            for axes in ('Auto', 'Explicit')]
+  out = []
+  for size in ('1B', '8B', '70B'):
+    for devices in (16, 64):
+      for scan in (False, True):
+        for tp in (1, 4):
+          for axes in ('Auto', 'Explicit'):
+            out.append((size, scan, devices, tp, axes, 'accelerators'))
+  # The CPUs' structure (loops) on the 8B shapes.
+  out += [('8B', scan, 16, tp, axes, 'cpu') for scan in (False, True)
+          for tp in (1, 4) for axes in ('Auto', 'Explicit')]
+  return out
+
+
+def ratio(a, b):
+  return a / b if b else float('nan')
+
+
+def _collective_text(kinds: dict) -> str:
+  if not kinds:
+    return 'none'
+  return ', '.join(f"{k} {v['count']} / {v['bytes'] / 2**20:.1f} MiB"
+                   for k, v in sorted(kinds.items()))
+
+
+def _total(kinds: dict) -> int:
+  return sum(v['bytes'] for v in kinds.values())
+
+
+def to_markdown(result: dict) -> str:
+  lines = [
+      '# Sharded at scale, compile only (`benchmarks/scale_out.py`)', '',
+      f"{result['devices_note']}; jax {result['jax']}, optax "
+      f"{result['optax']}. Per device, against `optax.adamw` compiled the "
+      'same way (params and state donated). *temp*: scratch memory over '
+      "adamw's, as a multiple of the per-device param bytes; *peak*: "
+      "arguments + outputs + temp − donated, over adamw's; *state*: "
+      "optimizer-state bytes over adamw's; *collectives*: adamw2's (adamw "
+      'has none) and their bytes as a share of the per-device param bytes; '
+      '*moves a matrix*: a collective whose array has its last two axes '
+      '(of more than one element) longer than the block of vectors.', '',
+      '## Update + apply', '',
+      '| size | layers | mesh | axes | structure | temp | peak | state | '
+      'collectives (adamw2) | % of params | moves a matrix | compile '
+      's (adamw2 / adamw) |',
+      '|---|---|---|---|---|---|---|---|---|---|---|---|']
+  for r in result['update']:
+    a, b = r['adamw'], r['adamw2']
+    if 'error' in b or 'error' in a:
+      lines.append(f"| {r['size']} | {r['layers']} | {r['mesh']} | "
+                   f"{r['axes']} | {r['structure']} | "
+                   f"{b.get('error', a.get('error'))} |||||||")
+      continue
+    lines.append(
+        f"| {r['size']} | {r['layers']} | {r['mesh']} | {r['axes']} | "
+        f"{r['structure']} | {ratio(b['temp'] - a['temp'], r['param_bytes']):.3f}× | "
+        f"{ratio(b['peak'], a['peak']):.3f} | {ratio(b['state'], a['state']):.4f} | "
+        f"{_collective_text(b['collectives'])} | "
+        f"{100 * ratio(_total(b['collectives']), r['param_bytes']):.2f}% | "
+        f"{'**yes**' if b['matrix_moves'] else 'no'} | "
+        f"{b['compile_s']:.1f} / {a['compile_s']:.1f} |")
+  if result.get('muon'):
+    lines += ['', '### Reference: `optax.contrib.muon`', '',
+              '| size | layers | mesh | axes | temp | collectives | gathers a '
+              'matrix | compile s (muon / adamw) |', '|---|---|---|---|---|---|---|---|']
+    for r in result['muon']:
+      a, m = r['adamw'], r['muon']
+      if 'error' in m:
+        lines.append(f"| {r['size']} | {r['layers']} | {r['mesh']} | "
+                     f"{r['axes']} | {m['error'][:120]} ||||")
+        continue
+      lines.append(
+          f"| {r['size']} | {r['layers']} | {r['mesh']} | {r['axes']} | "
+          f"{ratio(m['temp'] - a['temp'], r['param_bytes']):.3f}× | "
+          f"{_collective_text(m['collectives'])} | "
+          f"{'yes' if m['matrix_moves'] else 'no'} | "
+          f"{m['compile_s']:.1f} / {a['compile_s']:.1f} |")
+  if result.get('train_step'):
+    lines += ['', f"## Whole training step: the GPT example at "
+              f"{result['train_step']['model']}", '',
+              '| structure | peak (adamw2 / adamw) | temp over adamw\'s (× '
+              'params) | collectives adamw2 / adamw | compile s (adamw2 / '
+              'adamw) |', '|---|---|---|---|---|']
+    for structure, r in result['train_step']['runs'].items():
+      a, b = r['adamw'], r['adamw2']
+      lines.append(
+          f"| {structure} | {ratio(b['peak'], a['peak']):.4f} "
+          f"({b['peak'] / 2**30:.2f} / {a['peak'] / 2**30:.2f} GiB) | "
+          f"{ratio(b['temp'] - a['temp'], a['param_bytes']):.3f}× | "
+          f"{_total(b['collectives']) / 2**20:.0f} / "
+          f"{_total(a['collectives']) / 2**20:.0f} MiB | "
+          f"{b['compile_s']:.1f} / {a['compile_s']:.1f} |")
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--quick', action='store_true',
+                      help='a small tree on 8 devices (seconds)')
+  parser.add_argument('--out', default=os.path.join(HERE, 'results'))
+  args = parser.parse_args(argv)
+  if jax.device_count() < (8 if args.quick else 64):
+    parser.error(f'needs {8 if args.quick else 64} devices; run it as a '
+                 'script (it sets XLA_FLAGS before importing jax)')
+  name = 'cpu-scale_out' + ('-quick' if args.quick else '')
+  result = {'jax': jax.__version__, 'optax': optax.__version__,
+            'devices_note': f'{jax.device_count()} simulated CPU devices',
+            'update': [], 'muon': [], 'train_step': None}
+  os.makedirs(args.out, exist_ok=True)
+
+  def save():
+    with open(os.path.join(args.out, name + '.json'), 'w') as f:
+      json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, name + '.md'), 'w') as f:
+      f.write(to_markdown(result))
+
+  configs = update_configs(args.quick)
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  for config in tqdm(configs, desc='update + apply'):
+    result['update'].append(run_config(*config, ('adamw', 'adamw2')))
+    save()
+  muon = [('test' if args.quick else '8B', scan, 8 if args.quick else 16,
+           tp, axes, 'accelerators') for scan in (False, True)
+          for tp in (1, 4 if not args.quick else 2) for axes in ('Auto',)]
+  for config in tqdm(muon, desc='optax.contrib.muon'):
+    result['muon'].append(run_config(*config, ('adamw', 'muon')))
+    save()
+  cfg, label = gpt_config(args.quick)
+  devices = 8 if args.quick else 16
+  runs = {}
+  for structure in tqdm(('accelerators', 'cpu'), desc='train step'):
+    # One sequence per device.
+    runs[structure] = {
+        n: compile_train_step(cfg, devices, devices, n, structure)
+        for n in ('adamw', 'adamw2')}
+  result['train_step'] = {'model': f'{label}, batch {devices} over '
+                                   f'{devices} devices', 'runs': runs}
+  save()
+  print(to_markdown(result))
+
+
+if __name__ == '__main__':
+  main()

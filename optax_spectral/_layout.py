@@ -1,0 +1,214 @@
+"""Where the power iteration's vectors live on a mesh of devices.
+
+A spectral bound needs products with every matrix. On a mesh, each device
+multiplies its own shards in place, and only vectors — a block of ``k`` rows
+per matrix side, ``k ≤ 8`` — and ``k × k`` Gram matrices cross the network
+(benchmarks/scale_out.py: 1B–70B shapes, fsdp and fsdp × tp, Auto and
+Explicit axes). Between steps the blocks are stored sharded along their
+length over as many mesh axes as divide it, so that the optimizer state adds
+``1/devices`` of a few vectors per matrix to each device, not all of them.
+
+Under Explicit axes JAX needs every sharding named: :func:`matrix_spec`,
+:func:`along` and :func:`place` give the products and their operands the
+layout of the matrix they multiply. Under Auto axes XLA plans the products
+itself; the blocks' storage layout is still set where a mesh is known.
+"""
+
+import math
+from collections.abc import Iterable
+from collections.abc import Sequence
+
+import jax
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+
+def explicit_mesh(x):
+  """The mesh of ``x``'s type if it has Explicit axes (its sharding is then
+  part of its type, inside and outside ``jax.set_mesh``), else None."""
+  sharding = getattr(jax.typeof(x), 'sharding', None)
+  mesh = getattr(sharding, 'mesh', None)
+  if mesh is None or mesh.empty or AxisType.Explicit not in mesh.axis_types:
+    return None
+  return mesh
+
+
+def context_mesh():
+  """The mesh set by ``jax.set_mesh``, or None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty else mesh
+
+
+def mesh_of(leaves: Iterable) -> jax.sharding.Mesh | None:
+  """The mesh the params live on: that of a concrete leaf's
+  ``NamedSharding`` (eager ``init``), else ``jax.set_mesh``'s, else the one
+  in an Explicit-typed leaf's type; None if unsharded or unknown (e.g. Auto
+  axes under ``jit``'s ``in_shardings`` with no mesh set)."""
+  explicit = None
+  for x in leaves:
+    # (A tracer's ``.sharding`` is slow to fail: read its type only.)
+    if isinstance(x, jax.core.Tracer):
+      explicit = explicit or explicit_mesh(x)
+      continue
+    sharding = getattr(x, 'sharding', None)
+    if isinstance(sharding, NamedSharding) and not isinstance(
+        x, jax.ShapeDtypeStruct):
+      return sharding.mesh
+    explicit = explicit or explicit_mesh(x)
+  return context_mesh() or explicit
+
+
+def size(mesh) -> int:
+  return 1 if mesh is None else mesh.size
+
+
+def _names(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def matrix_axes(spec: tuple, long_axes: Sequence[int]):
+  """``(on the long side, anywhere)``: the mesh axes a leaf with
+  ``PartitionSpec`` ``spec`` is sharded over along the axes that form its
+  matrices' longer side, and along any axis."""
+  spec = tuple(spec)
+  entry = lambda a: spec[a] if a < len(spec) else None
+  return (frozenset(n for a in long_axes for n in _names(entry(a))),
+          frozenset(n for e in spec for n in _names(e)))
+
+
+def vector_spec(mesh, length: int, matrices) -> P:
+  """How a group's block ``(matrices, k, length)`` is stored between steps.
+
+  ``matrices`` has ``matrix_axes`` of each of the group's matrices (None if
+  unknown, e.g. Auto axes under ``jit``). The block's length is sharded
+  over the mesh axes that every matrix of the group is sharded over
+  somewhere (in mesh order, as many as divide it): on an fsdp-only mesh a
+  ``(d, 4d)`` kernel sharded along ``d`` keeps its vectors along ``4d``
+  sharded too. An axis a matrix leaves free is not used: under Auto axes
+  XLA would take that as a hint to shard the param along it as well (a
+  param whose sharding changes after the first step recompiles the step).
+  Unsharded or unknown matrices keep replicated vectors.
+  """
+  if mesh is None or size(mesh) <= 1 or not matrices or any(
+      m is None for m in matrices):
+    return P()
+  longs = {long for long, _ in matrices}
+  if len(longs) == 1 and next(iter(longs)):
+    # The matrices' own layout of their long side, where they agree: the
+    # products then need no vector moved before them, and under Auto axes
+    # XLA never finds gathering a matrix cheaper than moving the vectors
+    # (it did, for a (vocab, d) table sharded (tp, fsdp) whose vectors were
+    # stored over (fsdp, tp)).
+    (long,) = longs
+    names = [n for n in mesh.axis_names if n in long]
+    if length % math.prod(mesh.shape[n] for n in names) == 0:
+      return P(None, None, tuple(names) if len(names) > 1 else names[0])
+  shared = frozenset.intersection(*[used for _, used in matrices])
+  axes, product = [], 1
+  for name, n in zip(mesh.axis_names, mesh.axis_sizes):
+    if name in shared and n > 1 and length % (product * n) == 0:
+      axes.append(name)
+      product *= n
+  if not axes:
+    return P()
+  return P(None, None, tuple(axes) if len(axes) > 1 else axes[0])
+
+
+def place(x: jax.Array, mesh, spec: P) -> jax.Array:
+  """``x`` laid out as ``spec`` on ``mesh`` (a no-op without a mesh)."""
+  if mesh is None:
+    return x
+  if explicit_mesh(x) is not None:  # even on one device: types must match
+    return jax.sharding.reshard(x, NamedSharding(explicit_mesh(x), spec))
+  if size(mesh) <= 1:
+    return x
+  sharding = NamedSharding(mesh, spec)
+  if isinstance(x, jax.core.Tracer):
+    # Auto axes: XLA keeps the layout the state came in with (set by
+    # ``init``); a constraint here would also propagate into the params.
+    return x
+  if isinstance(mesh, jax.sharding.AbstractMesh):
+    return x  # concrete array, abstract mesh: jit places it
+  return jax.device_put(x, sharding)
+
+
+def leaf_axes(leaf, long_axes: Sequence[int]):
+  """:func:`matrix_axes` of a param leaf, from its concrete sharding or its
+  Explicit type; None where unknown."""
+  if explicit_mesh(leaf) is not None:
+    return matrix_axes(jax.typeof(leaf).sharding.spec, long_axes)
+  if isinstance(leaf, jax.core.Tracer):
+    return None
+  sharding = getattr(leaf, 'sharding', None)
+  if isinstance(sharding, NamedSharding):
+    return matrix_axes(sharding.spec, long_axes)
+  return None
+
+
+def chunk_axes(chunk: jax.Array):
+  """:func:`matrix_axes` of a ``batch + (m, n)`` operand of the products
+  (known under Explicit axes only)."""
+  spec = matrix_spec(chunk)
+  if spec is None:
+    return None
+  m, n = chunk.shape[-2:]
+  return matrix_axes(spec, (chunk.ndim - 2,) if m > n else (chunk.ndim - 1,))
+
+
+def replicated(x: jax.Array) -> jax.Array:
+  """``x`` replicated where its axes are Explicit (JAX would otherwise
+  refuse to combine differently sharded per-matrix numbers); unchanged
+  otherwise."""
+  mesh = explicit_mesh(x)
+  return x if mesh is None else jax.sharding.reshard(x, NamedSharding(mesh,
+                                                                       P()))
+
+
+def matrix_spec(matrix: jax.Array) -> tuple | None:
+  """The Explicit ``PartitionSpec`` of ``matrix`` as a full-rank tuple, or
+  None where its axes are not Explicit."""
+  if explicit_mesh(matrix) is None:
+    return None
+  spec = tuple(jax.typeof(matrix).sharding.spec)
+  return spec + (None,) * (matrix.ndim - len(spec))
+
+
+def along(x: jax.Array, matrix: jax.Array, axis: int) -> jax.Array:
+  """A block ``batch + (k, len)`` resharded so that its last axis is sharded
+  as ``matrix``'s ``axis`` (-2 or -1) and its batch axes as the matrix's:
+  the operand layout of a local product. Unchanged unless Explicit."""
+  spec = matrix_spec(matrix)
+  if spec is None:
+    return x
+  want = P(*spec[:-2], None, spec[axis])
+  if tuple(jax.typeof(x).sharding.spec) + (None,) * (
+      x.ndim - len(jax.typeof(x).sharding.spec)) == tuple(want):
+    return x
+  return jax.sharding.reshard(x, NamedSharding(explicit_mesh(matrix), want))
+
+
+def flat_batch(x: jax.Array, batch: tuple[int, ...]) -> jax.Array:
+  """``batch + (k, len)`` as ``(prod(batch), k, len)``; under Explicit axes
+  the batch axes are first gathered (vectors only) so that the reshape is
+  legal whatever their sharding."""
+  mesh = explicit_mesh(x)
+  if mesh is not None and len(batch) != 1:
+    spec = tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim
+    x = jax.sharding.reshard(x, NamedSharding(
+        mesh, P(*([None] * len(batch)), None, spec[x.ndim - 1])))
+  return x.reshape((math.prod(batch),) + x.shape[-2:])
+
+
+def batch_like(small: jax.Array, ref: jax.Array) -> jax.Array:
+  """``small`` ``batch + (a, b)`` (replicated per-matrix numbers) with its
+  batch axes sharded as ``ref``'s (``batch + (k, len)``), so that the two
+  combine. Unchanged unless Explicit."""
+  mesh = explicit_mesh(ref)
+  if mesh is None or ref.ndim <= 2:
+    return small
+  spec = tuple(jax.typeof(ref).sharding.spec) + (None,) * ref.ndim
+  return jax.sharding.reshard(small, NamedSharding(
+      mesh, P(*spec[:ref.ndim - 2], None, None)))

@@ -1,0 +1,76 @@
+"""At pod scale, compile only: a sharded adamw2 step moves vectors between
+devices, never a matrix, and adds no more memory than the step it bounds.
+
+A small Llama-like tree (grouped-query attention, SwiGLU MLP, untied
+embedding and head) as a list of layers and as scanned layers, on 8
+simulated devices (fsdp 4 x tp 2), Auto and Explicit axes, compiled with the
+structure GPUs and TPUs run (``launches_are_cheap`` False), against
+``optax.adamw`` compiled the same way. ``benchmarks/scale_out.py`` runs the
+same measurement at 1B-70B shapes.
+"""
+
+import os
+import sys
+
+import jax
+import pytest
+from jax.sharding import AxisType
+
+from optax_spectral import _power_iteration
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'benchmarks'))
+import scale_out  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < 8, reason='needs 8 devices: conftest sets XLA_FLAGS '
+    'before jax is imported; run pytest from the repository root')
+
+# Matrices much larger than their blocks of vectors (k = 8 rows of 256-1024).
+SHAPE = scale_out.Shape(layers=2, d=1024, kv=256, mlp=2048, vocab=2048)
+
+
+def _compile(monkeypatch, scan, axis_type, stacks=None):
+  monkeypatch.setattr(_power_iteration, 'launches_are_cheap', lambda: False)
+  if stacks is not None:
+    monkeypatch.setattr(_power_iteration, 'stacks_matrices',
+                        lambda matrices=(): stacks)
+  mesh = scale_out.make_mesh(8, 2, getattr(AxisType, axis_type))
+  params = scale_out.llama_params(SHAPE, mesh, scan=scan)
+  results = {name: scale_out.compile_update(tx, params, mesh)
+             for name, tx in scale_out.optimizers().items()}
+  return results, scale_out.shard_bytes(params)
+
+
+@pytest.mark.parametrize('axis_type', ['Auto', 'Explicit'])
+@pytest.mark.parametrize('scan', [False, True], ids=['list', 'scan'])
+def test_sharded_step_moves_vectors_not_matrices(monkeypatch, scan,
+                                                 axis_type):
+  results, param_bytes = _compile(monkeypatch, scan, axis_type)
+  adamw, adamw2 = results['adamw'], results['adamw2']
+  assert not adamw['collectives'], 'adamw is elementwise on local shards'
+  # Every collective moves blocks of vectors ((…, k, L)) or k x k Grams,
+  # never a matrix or a piece of one.
+  assert not adamw2['matrix_moves'], adamw2['matrix_moves']
+  moved = sum(c['bytes'] for c in adamw2['collectives'].values())
+  assert 0 < moved < 0.2 * param_bytes, adamw2['collectives']
+  # Scratch memory: the step Δ, kept until its factor is known, and the
+  # copy of Adam's direction that XLA:CPU's fusion keeps beside it (README,
+  # "At scale"); never a stacked copy of the params or gradients.
+  extra = (adamw2['temp'] - adamw['temp']) / param_bytes
+  assert extra < 2.15, extra
+  # The vectors are stored sharded: the state is adamw's and a few percent
+  # of one vector per matrix row.
+  assert adamw2['state'] < 1.02 * adamw['state'], (adamw2['state'],
+                                                   adamw['state'])
+
+
+def test_the_check_sees_a_gathered_matrix(monkeypatch):
+  """The check above can fail: forcing the single-device structure (each
+  group's matrices stacked into one copy per step: main before the sharded
+  structure) onto the mesh makes XLA move pieces of matrices between
+  devices to build the stacked copies, and the check sees them."""
+  results, param_bytes = _compile(monkeypatch, False, 'Auto', stacks=True)
+  adamw2 = results['adamw2']
+  assert adamw2['matrix_moves']
+  assert (adamw2['temp'] - results['adamw']['temp']) / param_bytes > 2.15
