@@ -25,7 +25,6 @@ import numpy as np
 import optax
 
 import optax_spectral
-from optax_spectral import _power_iteration
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import overhead  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -176,18 +175,13 @@ def main(argv=None):
       variants['adamw2 block_size=1'] = optax_spectral.adamw2(
           lr, block_size=1, **dims)
     if 'scanned' not in tree and not args.minimal:
-      variants['adamw2, matrices not stacked'] = optax_spectral.adamw2(lr)
+      variants['adamw2, matrices not stacked'] = optax_spectral.adamw2(
+          lr, stack_matrices=False)
     for name, tx in variants.items():
-      stacked = _power_iteration.stack_group
-      if 'not stacked' in name:
-        _power_iteration.stack_group = list
       hlo = (os.path.join(args.out_dir, re.sub(r'\W+', '_', tree).strip('_')
                           + '.hlo.txt')
              if args.hlo and name == 'adamw2 (default)' else None)
-      try:
-        fn, counts = update_fn(tx, params, hlo)
-      finally:
-        _power_iteration.stack_group = stacked
+      fn, counts = update_fn(tx, params, hlo)
       s = {**profile(fn, args.steps),
            'hlo': {k: counts[k] for k in ('kernels', 'products')}}
       result['update'][f'{tree} | {name}'] = s

@@ -226,7 +226,7 @@ def stacks_matrices(matrices: Sequence[jax.Array] = ()) -> bool:
   different ways, so XLA all-gathers whole matrices into it (8B Llama shapes
   over 16 devices: 10 GiB per step and 9x the per-device param bytes of
   scratch memory, benchmarks/scale_out.py); and even where it need not, the
-  copies of W and Δ cost two params' worth of scratch memory. There each
+  copies cost another param-sized buffer of scratch memory. There each
   device multiplies its own shards in place, and only vectors travel.
   """
   if launches_are_cheap():
@@ -234,7 +234,8 @@ def stacks_matrices(matrices: Sequence[jax.Array] = ()) -> bool:
   return _layout.size(_layout.mesh_of(matrices)) <= 1
 
 
-def stack_group(matrices: Sequence[jax.Array]) -> list[jax.Array]:
+def stack_group(matrices: Sequence[jax.Array],
+                stack: bool | None = None) -> list[jax.Array]:
   """The operands of a group's products: runs of plain matrices stacked
   where :func:`stacks_matrices`, else every matrix in place.
 
@@ -244,8 +245,9 @@ def stack_group(matrices: Sequence[jax.Array]) -> list[jax.Array]:
   vectors) per matrix. The copies cost bandwidth, and peak memory while the
   step's products run (README, "Cost"). Leaves that are already batches of
   matrices (e.g. stacked by ``nnx.scan``) are used in place everywhere.
+  ``stack`` overrides :func:`stacks_matrices`.
   """
-  if not stacks_matrices(matrices):
+  if not (stacks_matrices(matrices) if stack is None else stack):
     return list(matrices)
   # Under an Explicit mesh, only matrices of one sharding can be stacked.
   spec = _layout.matrix_spec
@@ -446,6 +448,7 @@ def iterate_groups(
     groups: Sequence[Sequence[jax.Array]],
     blocks: Sequence[jax.Array],
     num_iterations: Sequence[int | jax.Array],
+    stack: bool | None = None,
 ) -> list[_Estimate]:
   """Warm-started block power iteration on several groups of matrices.
 
@@ -458,6 +461,8 @@ def iterate_groups(
       flow: on GPUs every loop or branch on device data makes the host wait
       for the device. Traced counts (e.g. injected hyperparameters) run one
       ``fori_loop`` over the largest, each group keeping its own result.
+    stack: whether to stack each group's plain matrices (see
+      :func:`stack_group`; ``None``: :func:`stacks_matrices`).
 
   Returns:
     One :class:`_Estimate` per group. Where a matrix's products are zero or
@@ -467,7 +472,7 @@ def iterate_groups(
     return []
   # Stacked once per step (not per iteration): XLA then holds fewer copies.
   # Groups a caller stacked already pass through unchanged.
-  groups = [stack_group(g) for g in groups]
+  groups = [stack_group(g, stack) for g in groups]
   # The blocks stay in their storage layout between iterations and steps.
   layouts = []
   for g, b in zip(groups, blocks):

@@ -238,6 +238,189 @@ def _check_state(plan, state):
         'dimension_numbers?')
 
 
+class _Settings(NamedTuple):
+  """The arguments of :func:`scale_by_spectral_bound`, checked: Python ints
+  for counts (or traced, when injected), the rest as given."""
+  tau: Any
+  learning_rate: Any
+  num_iterations: Any
+  num_iterations_first: Any
+  num_iterations_weight: Any
+  block_size: int
+  max_extrapolation: Any
+  weight_floor: Any
+  ramp_steps: Any
+  stack_matrices: bool | None
+  seed: int
+
+  @property
+  def unrolled(self) -> bool:
+    """Whether every step runs the same unrolled iterations, with no control
+    flow: on GPUs and TPUs (XLA:GPU makes the host wait for a branch's or
+    loop's predicate). σ1(W)'s cold start then runs in ``init``, and the
+    first step, whose block on Δ starts cold, is bounded with ‖Δ‖_F >= σ1(Δ):
+    never looser than asked. On CPUs, and for traced counts
+    (inject_hyperparams), one loop runs ``num_iterations_first`` iterations
+    on the first step (on W too: there init leaves its vectors random)."""
+    return not _power_iteration.launches_are_cheap() and all(
+        isinstance(n, int) for n in (self.num_iterations,
+                                     self.num_iterations_weight,
+                                     self.num_iterations_first))
+
+
+def _initial_groups(settings: _Settings, plan, views, leaves) -> dict:
+  """Each group's state: random orthonormal blocks (converged on σ1(W) where
+  steps run unrolled and the params are concrete), stored on the mesh."""
+  blocks = _initial_blocks(
+      settings.seed, tuple((sum(g.sizes), min(settings.block_size, g.rows,
+                                               g.cols), g.long)
+                           for g in plan), tuple(g.dtype for g in plan))
+  sigmas = [jnp.zeros(sum(g.sizes), jnp.float32) for g in plan]
+  if plan and settings.unrolled and not any(
+      isinstance(leaves[n], jax.ShapeDtypeStruct) for n in views):
+    # The cold start of σ1(W)'s vectors, here rather than on the first
+    # step, so that no step needs a branch for it. Abstract params (shapes
+    # only) keep random vectors, which the steps' iterations converge; until
+    # then σ1(W) is underestimated, which errs towards a tighter bound.
+    acc = [compute_dtype(g.dtype) for g in plan]
+    weights, sigmas = _converged_weight_blocks(
+        [[views[n].to_matrices(jnp.asarray(leaves[n])) for n in g.names]
+         for g in plan], [w.astype(a) for (w, _), a in zip(blocks, acc)],
+        jnp.asarray(settings.num_iterations_first, jnp.int32))
+    blocks = [(w.astype(g.dtype), u)
+              for g, w, (_, u) in zip(plan, weights, blocks)]
+  # Stored sharded along their length where the params are on a mesh (each
+  # device keeps its share), as every update leaves them.
+  mesh = _layout.mesh_of([leaves[n] for n in views])
+  specs = [_layout.vector_spec(mesh, g.long, [
+      _layout.leaf_axes(leaves[n], views[n].long_axes) for n in g.names])
+           for g in plan]
+  stats = lambda g, sigma: jnp.stack(
+      [sigma.astype(jnp.float32)] + [jnp.full(sum(g.sizes), x, jnp.float32)
+                                     for x in (0, 1, 0)], -1)
+  return {g.key: SpectralGroupState(
+      weight=_layout.place(w, mesh, spec), update=_layout.place(u, mesh, spec),
+      stats=stats(g, sigma), leaves=g.leaves)
+          for g, (w, u), sigma, spec in zip(plan, blocks, sigmas, specs)}
+
+
+class _Estimates(NamedTuple):
+  weight: list    # per group: _power_iteration._Estimate of σ1(W)
+  update: list    # per group: _power_iteration._Estimate of σ1(Δ)
+  steps: list     # per group: the operands the iteration multiplied (Δ)
+
+
+def _estimate(settings: _Settings, plan, views, state, param_leaves,
+              update_leaves) -> _Estimates:
+  """The batched estimate: one call for every matrix, W and Δ alike, so
+  that the k×k work of each iteration is batched over all groups."""
+  count = state.count
+  steady = [settings.num_iterations_weight] * len(plan) + [
+      settings.num_iterations] * len(plan)
+  if not settings.unrolled:
+    first = {}  # one traced count per distinct value (see iterate_groups)
+    steady = [first.setdefault(n, jnp.where(count == 0,
+                                            settings.num_iterations_first, n))
+              if isinstance(n, int) else
+              jnp.where(count == 0, settings.num_iterations_first, n)
+              for n in steady]
+  matrices = lambda leaves, g: [views[n].to_matrices(leaves[n])
+                                for n in g.names]
+  states = [state.groups[g.key] for g in plan]
+  acc = [compute_dtype(g.dtype) for g in plan]
+  # Stacked here (where stacking applies), so that the first step's ‖Δ‖_F
+  # reads the copy the iteration multiplies.
+  steps = [_power_iteration.stack_group(matrices(update_leaves, g),
+                                        settings.stack_matrices)
+           for g in plan]
+  estimates = iterate_groups(
+      [matrices(param_leaves, g) for g in plan] + steps,
+      [s.weight.astype(a) for s, a in zip(states, acc)]
+      + [s.update.astype(a) for s, a in zip(states, acc)],
+      steady, settings.stack_matrices)
+  return _Estimates(estimates[:len(plan)], estimates[len(plan):], steps)
+
+
+def _bound(settings: _Settings, plan, state, estimates: _Estimates):
+  """The rule: each matrix's factor ``min(1, τ max(σ1(W), floor) / σ1(Δ))``,
+  the groups' next state, and the ramp of the first steps.
+
+  Returns ``(groups, {leaf: factor of its matrices}, ramp)``.
+  """
+  count = state.count
+  if settings.learning_rate is None:
+    lr_scale = 1.0
+  else:
+    lr = settings.learning_rate
+    lr_scale = jnp.abs(lr(count) if callable(lr) else lr)
+  # Injected (traced) values are not checked at construction: a tau <= 0
+  # or NaN becomes the smallest positive one (steps shrink to ~0 rather
+  # than reverse), a negative or NaN max_extrapolation becomes 0.
+  tau = jnp.asarray(settings.tau, jnp.float32)
+  tau = jnp.where(tau > 0, tau, jnp.finfo(jnp.float32).tiny)
+  extrapolation = jnp.asarray(settings.max_extrapolation, jnp.float32)
+  extrapolation = jnp.where(extrapolation >= 0, extrapolation, 0)
+  floor = jnp.asarray(settings.weight_floor, jnp.float32)
+  floor = jnp.where(floor >= 0, floor, 0)
+  # The ramp of the first steps, in (0, 1]: 1 once count + 1 >= its length;
+  # 1 throughout for a length <= 0 or NaN (no ramp).
+  length = (1 / tau if settings.ramp_steps is None else
+            jnp.asarray(settings.ramp_steps, jnp.float32))
+  ramp = jnp.where(length > 0, jnp.minimum(
+      1, (count + 1).astype(jnp.float32) / length), 1)
+  floor = floor * ramp
+  groups, factors = {}, {}
+  recent_weight = jnp.minimum(count + 1, RECENT_STEPS).astype(jnp.float32)
+  for g, w, d, chunks in zip(plan, estimates.weight, estimates.update,
+                             estimates.steps):
+    s = state.groups[g.key]
+    # Geometric extrapolation of the last iteration, capped: it only ever
+    # raises the estimate, so the bound can only get tighter.
+    ratio = d.sigma / jnp.where(d.sigma_half > 0, d.sigma_half, d.sigma)
+    ratio = jnp.clip(jnp.nan_to_num(ratio, nan=1.0), 1, 1 + extrapolation)
+    sigma_d = d.sigma * ratio
+    if settings.unrolled:
+      sigma_d = jnp.where(count == 0, _power_iteration.frobenius_norms(
+          chunks, compute_dtype(g.dtype)), sigma_d)
+    sigma_d = sigma_d * jnp.asarray(lr_scale, jnp.float32)
+    sigma_w = w.sigma
+    # Floored at a multiple of σ1 of a variance-preserving random matrix
+    # (entries of std 1/sqrt(rows)): 1 + sqrt(cols / rows).
+    reference = 1 + math.sqrt(g.cols / g.rows)
+    limit = tau * jnp.maximum(sigma_w, floor * reference)
+    # A zero limit (σ1(W) = 0 and no floor): no bound, else a zero matrix
+    # never moves; σ1(Δ) = 0 or non-finite: the comparison is False and the
+    # factor stays 1.
+    active = (limit > 0) & (sigma_d > limit)
+    factor = jnp.where(active, limit / jnp.where(active, sigma_d, 1), 1)
+    # In (0, 1] whatever an injected tau is: never reversed, never zero.
+    factor = jnp.clip(factor, jnp.finfo(jnp.float32).tiny, 1)
+    recent = s.stats[:, 3]
+    recent = recent + ((factor < 1) - recent) / recent_weight
+    groups[g.key] = SpectralGroupState(
+        weight=w.block.astype(s.weight.dtype),
+        update=d.block.astype(s.update.dtype),
+        stats=jnp.stack([sigma_w, sigma_d, factor, recent],
+                        -1).astype(jnp.float32),
+        leaves=s.leaves)
+    factors.update(_per_leaf(factor, g.leaves))
+  return groups, factors, ramp
+
+
+def _apply(updates, views, factors, ramp):
+  """Each bounded leaf's step times its matrices' factors; the steps of the
+  leaves the bound does not cover times the ramp."""
+  def bound_leaf(path, update):
+    name = _matrices.path_name(path)
+    if name not in factors:  # not covered by the bound: ramped
+      if not jnp.issubdtype(update.dtype, jnp.floating):
+        return update
+      return (update * ramp).astype(update.dtype)
+    factor = views[name].broadcastable(factors[name], update.ndim)
+    return (update * factor).astype(update.dtype)
+  return jax.tree_util.tree_map_with_path(bound_leaf, updates)
+
+
 def scale_by_spectral_bound(
     tau: jax.typing.ArrayLike = DEFAULT_TAU,
     *,
@@ -251,6 +434,7 @@ def scale_by_spectral_bound(
     ramp_steps: jax.typing.ArrayLike | None = None,
     dimension_numbers: _matrices.DimensionNumbersOrFn = None,
     bound_vectors: bool = False,
+    stack_matrices: bool | None = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Bounds each weight matrix's step by a fraction of its spectral norm.
@@ -375,6 +559,15 @@ def scale_by_spectral_bound(
       :func:`bounded_leaves`.
     bound_vectors: also bound 1-D leaves (biases, norm scales) by their L2
       norm, as ``1 × n`` matrices.
+    stack_matrices: whether each step copies a group's same-shaped 2-D
+      matrices into one stack, so that each product is one kernel per shape
+      (faster on one GPU; about one more param-sized buffer of scratch
+      memory). ``None``
+      (default): only on one GPU or TPU, with no mesh of several devices
+      (under a mesh, stacks would gather matrices across devices). ``False``
+      saves that memory on one accelerator; ``True`` stacks also where the
+      params are sharded by ``jit`` alone, with no ``jax.set_mesh`` (then
+      only if they are replicated).
     seed: seed of the initial power-iteration vectors.
 
   Returns:
@@ -414,6 +607,13 @@ def scale_by_spectral_bound(
         'traced: with optax.inject_hyperparams, pass '
         "static_args=('block_size',) (the default, None, needs nothing).")
 
+  settings = _Settings(
+      tau=tau, learning_rate=learning_rate, num_iterations=num_iterations,
+      num_iterations_first=num_iterations_first,
+      num_iterations_weight=num_iterations_weight, block_size=block_size,
+      max_extrapolation=max_extrapolation, weight_floor=weight_floor,
+      ramp_steps=ramp_steps, stack_matrices=stack_matrices, seed=seed)
+
   def views_of(params):
     return {name: view for name, view in _matrices.resolve_views(
         params, dimension_numbers, bound_vectors).items()
@@ -428,44 +628,10 @@ def scale_by_spectral_bound(
                                        groups='not params-shaped')
     _register_with_flax_serialization()
     views = views_of(params)
-    plan = _plan(views)
-    blocks = _initial_blocks(
-        seed, tuple((sum(g.sizes), min(block_size, g.rows, g.cols), g.long)
-                    for g in plan), tuple(g.dtype for g in plan))
-    sigmas = [jnp.zeros(sum(g.sizes), jnp.float32) for g in plan]
-    leaves = _matrices.named_leaves(params)
-    if (plan and not _power_iteration.launches_are_cheap()
-        and isinstance(num_iterations_first, int) and not any(
-            isinstance(leaves[n], jax.ShapeDtypeStruct) for n in views)):
-      # Accelerators: the cold start of σ1(W)'s vectors, here rather than
-      # on the first step, so that no step needs a branch for it (CPUs run
-      # it in the first step's loop). Abstract params (shapes only) keep
-      # random vectors, which the steps' iterations converge; until then
-      # σ1(W) is underestimated, which errs towards a tighter bound.
-      acc = [compute_dtype(g.dtype) for g in plan]
-      weights, sigmas = _converged_weight_blocks(
-          [[views[n].to_matrices(jnp.asarray(leaves[n])) for n in g.names]
-           for g in plan], [w.astype(a) for (w, _), a in zip(blocks, acc)],
-          jnp.asarray(num_iterations_first, jnp.int32))
-      blocks = [(w.astype(g.dtype), u)
-                for g, w, (_, u) in zip(plan, weights, blocks)]
-    # Stored sharded along their length where the params are on a mesh
-    # (each device keeps 1/devices of them), as every update leaves them.
-    mesh = _layout.mesh_of([leaves[n] for n in views])
-    specs = [_layout.vector_spec(mesh, g.long, [
-        _layout.leaf_axes(leaves[n], views[n].long_axes) for n in g.names])
-             for g in plan]
-    blocks = [(_layout.place(w, mesh, spec), _layout.place(u, mesh, spec))
-              for (w, u), spec in zip(blocks, specs)]
-    stats = lambda g, sigma: jnp.stack(
-        [sigma.astype(jnp.float32)] + [jnp.full(sum(g.sizes), x, jnp.float32)
-                                       for x in (0, 1, 0)], -1)
-    groups = {g.key: SpectralGroupState(weight=w, update=u,
-                                        stats=stats(g, sigma),
-                                        leaves=g.leaves)
-              for g, (w, u), sigma in zip(plan, blocks, sigmas)}
-    return ScaleBySpectralBoundState(count=jnp.zeros([], jnp.int32),
-                                     groups=groups)
+    return ScaleBySpectralBoundState(
+        count=jnp.zeros([], jnp.int32),
+        groups=_initial_groups(settings, _plan(views), views,
+                               _matrices.named_leaves(params)))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -476,112 +642,14 @@ def scale_by_spectral_bound(
     views = views_of(params)
     plan = _plan(views)
     _check_state(plan, state)
-    param_leaves = _matrices.named_leaves(params)
     update_leaves = _matrices.named_leaves(updates)
-    matrices = lambda leaves, g: [views[n].to_matrices(leaves[n])
-                                  for n in g.names]
-    count = state.count
-    steady = [num_iterations_weight] * len(plan) + [
-        num_iterations] * len(plan)
-    # On accelerators every step runs the same unrolled iterations, with no
-    # control flow (XLA:GPU makes the host wait for a branch's or loop's
-    # predicate): σ1(W)'s cold start ran in ``init``, and the first step,
-    # whose block on Δ starts cold, is bounded with ‖Δ‖_F >= σ1(Δ): never
-    # looser than asked. On CPUs, and for traced counts (inject_hyperparams),
-    # one loop runs ``num_iterations_first`` iterations on the first step
-    # (on W too: there init leaves its vectors random).
-    unrolled = not _power_iteration.launches_are_cheap() and all(
-        isinstance(n, int) for n in steady + [num_iterations_first])
-    if not unrolled:
-      first = {}  # one traced count per distinct value (see iterate_groups)
-      steady = [first.setdefault(n, jnp.where(count == 0,
-                                              num_iterations_first, n))
-                if isinstance(n, int) else
-                jnp.where(count == 0, num_iterations_first, n)
-                for n in steady]
-    # One call for every matrix, W and Δ alike: the k×k work of each
-    # iteration is batched over all groups.
-    states = [state.groups[g.key] for g in plan]
-    acc = [compute_dtype(g.dtype) for g in plan]
-    # Stacked here (a no-op on CPUs), so that the first step's ‖Δ‖_F reads
-    # the copy the iteration multiplies.
-    steps = [_power_iteration.stack_group(matrices(update_leaves, g))
-             for g in plan]
-    estimates = iterate_groups(
-        [matrices(param_leaves, g) for g in plan] + steps,
-        [s.weight.astype(a) for s, a in zip(states, acc)]
-        + [s.update.astype(a) for s, a in zip(states, acc)],
-        steady)
-    if learning_rate is None:
-      lr_scale = 1.0
-    else:
-      lr = learning_rate(count) if callable(learning_rate) else learning_rate
-      lr_scale = jnp.abs(lr)
-    # Injected (traced) values are not checked at construction: a tau <= 0
-    # or NaN becomes the smallest positive one (steps shrink to ~0 rather
-    # than reverse), a negative or NaN max_extrapolation becomes 0.
-    tau_ = jnp.asarray(tau, jnp.float32)
-    tau_ = jnp.where(tau_ > 0, tau_, jnp.finfo(jnp.float32).tiny)
-    extrapolation = jnp.asarray(max_extrapolation, jnp.float32)
-    extrapolation = jnp.where(extrapolation >= 0, extrapolation, 0)
-    floor = jnp.asarray(weight_floor, jnp.float32)
-    floor = jnp.where(floor >= 0, floor, 0)
-    # The ramp of the first steps, in (0, 1]: 1 once count + 1 >= its length;
-    # 1 throughout for a length <= 0 or NaN (no ramp).
-    length = 1 / tau_ if ramp_steps is None else jnp.asarray(ramp_steps,
-                                                              jnp.float32)
-    ramp = jnp.where(length > 0, jnp.minimum(
-        1, (count + 1).astype(jnp.float32) / length), 1)
-    floor = floor * ramp
-    new_groups, factors = {}, {}
-    recent_weight = jnp.minimum(count + 1, RECENT_STEPS).astype(jnp.float32)
-    for g, s, w, d, a, chunks in zip(plan, states, estimates[:len(plan)],
-                                     estimates[len(plan):], acc, steps):
-      # Geometric extrapolation of the last iteration, capped: it only ever
-      # raises the estimate, so the bound can only get tighter.
-      ratio = d.sigma / jnp.where(d.sigma_half > 0, d.sigma_half, d.sigma)
-      ratio = jnp.clip(jnp.nan_to_num(ratio, nan=1.0), 1, 1 + extrapolation)
-      sigma_d = d.sigma * ratio
-      if unrolled:
-        sigma_d = jnp.where(count == 0,
-                            _power_iteration.frobenius_norms(chunks, a),
-                            sigma_d)
-      sigma_d = sigma_d * jnp.asarray(lr_scale, jnp.float32)
-      sigma_w = w.sigma
-      # Floored at a multiple of σ1 of a variance-preserving random matrix
-      # (entries of std 1/sqrt(rows)): 1 + sqrt(cols / rows).
-      reference = 1 + math.sqrt(g.cols / g.rows)
-      limit = tau_ * jnp.maximum(sigma_w, floor * reference)
-      # A zero limit (σ1(W) = 0 and no floor): no bound, else a zero matrix
-      # never moves; σ1(Δ) = 0 or non-finite: the comparison is False and
-      # the factor stays 1.
-      active = (limit > 0) & (sigma_d > limit)
-      factor = jnp.where(active, limit / jnp.where(active, sigma_d, 1), 1)
-      # In (0, 1] whatever an injected tau is: never reversed, never zero.
-      factor = jnp.clip(factor, jnp.finfo(jnp.float32).tiny, 1)
-      recent = s.stats[:, 3]
-      recent = recent + ((factor < 1) - recent) / recent_weight
-      new_groups[g.key] = SpectralGroupState(
-          weight=w.block.astype(s.weight.dtype),
-          update=d.block.astype(s.update.dtype),
-          stats=jnp.stack([sigma_w, sigma_d, factor, recent],
-                          -1).astype(jnp.float32),
-          leaves=s.leaves)
-      factors.update(_per_leaf(factor, g.leaves))
-
-    def bound_leaf(path, update):
-      name = _matrices.path_name(path)
-      if name not in factors:  # not covered by the bound: ramped
-        if not jnp.issubdtype(update.dtype, jnp.floating):
-          return update
-        return (update * ramp).astype(update.dtype)
-      factor = views[name].broadcastable(factors[name], update.ndim)
-      return (update * factor).astype(update.dtype)
-
-    updates = jax.tree_util.tree_map_with_path(bound_leaf, updates)
-    return updates, ScaleBySpectralBoundState(
-        count=optax.safe_increment(count),
-        groups={key: new_groups[key] for key in state.groups})
+    groups, factors, ramp = _bound(
+        settings, plan, state, _estimate(
+            settings, plan, views, state, _matrices.named_leaves(params),
+            update_leaves))
+    return _apply(updates, views, factors, ramp), ScaleBySpectralBoundState(
+        count=optax.safe_increment(state.count),
+        groups={key: groups[key] for key in state.groups})
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
