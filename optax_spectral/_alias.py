@@ -31,6 +31,7 @@ def adamw2(
     ramp_steps: jax.typing.ArrayLike | None = None,
     dimension_numbers: _matrices.DimensionNumbersOrFn = None,
     bound_vectors: bool = False,
+    bound: Any = 'all',
     stack_matrices: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW², AdamW that trains Transformers without learning-rate warmup.
@@ -82,6 +83,10 @@ def adamw2(
     dimension_numbers: which axes of each leaf form a matrix; see
       :func:`scale_by_spectral_bound` and :func:`bounded_leaves`.
     bound_vectors: also bound 1-D leaves by their L2 norm.
+    bound: which matrices are bounded: ``'all'`` (the paper's rule),
+      ``'attention'`` (query, key, value and output projections, found by
+      name) or a callable from a param's name to bool; see
+      :func:`scale_by_spectral_bound`.
     stack_matrices: whether each step stacks same-shaped 2-D matrices into
       one copy (``None``: only on one accelerator with no mesh of several
       devices; ``False`` saves about a param-sized buffer of scratch memory
@@ -118,7 +123,8 @@ def adamw2(
           num_iterations_weight=num_iterations_weight, block_size=block_size,
           max_extrapolation=max_extrapolation, weight_floor=weight_floor,
           ramp_steps=ramp_steps, dimension_numbers=dimension_numbers,
-          bound_vectors=bound_vectors, stack_matrices=stack_matrices),
+          bound_vectors=bound_vectors, bound=bound,
+          stack_matrices=stack_matrices),
   )
 
   def update_fn(updates, state, params=None, **extra_args):

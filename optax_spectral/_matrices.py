@@ -180,16 +180,81 @@ def _short(error: Exception, limit: int = 300) -> str:
   return text if len(text) <= limit else text[:limit] + ' [...]'
 
 
+# Names of attention projections in Flax's own layers and in common
+# hand-written attention (nanoGPT, Hugging Face, Llama, Gemma). A module
+# named like a query, key or value projection is attention wherever it is;
+# one named like an output projection is attention when a sibling is a
+# query, key or value projection (an MLP's ``c_proj`` or ``out`` is not);
+# everything under a module named like an attention block is attention.
+_QKV = frozenset({
+    'query', 'key', 'value', 'q', 'k', 'v', 'wq', 'wk', 'wv', 'wqkv', 'wkv',
+    'q_proj', 'k_proj', 'v_proj', 'qkv', 'qkv_proj', 'kv', 'kv_proj',
+    'c_attn', 'in_proj', 'q_einsum', 'kv_einsum', 'qkv_einsum'})
+_ATTENTION_OUT = frozenset({
+    'out', 'o', 'wo', 'o_proj', 'out_proj', 'c_proj', 'proj', 'dense',
+    'attn_vec_einsum'})
+_PARAM_NAMES = frozenset({'kernel', 'w', 'weight', 'embedding', 'bias',
+                          'scale'})
+_ATTENTION_BLOCKS = frozenset({
+    'attn', 'attention', 'self_attn', 'self_attention', 'mha', 'cross_attn',
+    'cross_attention', 'multi_head_attention'})
+
+
+def is_attention(name: str, names: set[str] | frozenset[str] = frozenset()
+                 ) -> bool:
+  """Whether the param ``name`` (``'blocks/0/attn/query/kernel'``) is an
+  attention projection, by the names of its modules; ``names`` are all the
+  tree's leaf names (to find an output projection's siblings)."""
+  parts = [p.lower() for p in name.split('/')]
+  # The projection's own name: its module's (``attn/query/kernel``), or the
+  # leaf's where params are plain dicts (``layers/0/wq``).
+  at = len(parts) - 2 if len(parts) > 1 and parts[-1] in _PARAM_NAMES else (
+      len(parts) - 1)
+  if any(p in _ATTENTION_BLOCKS for p in parts[:at]):
+    return True
+  module = parts[at]
+  if module in _QKV:
+    return True
+  if module in _ATTENTION_OUT:
+    prefix = ''.join(p + '/' for p in parts[:at])
+    return any(other.lower().startswith(prefix) and other.lower()[
+        len(prefix):].split('/')[0] in _QKV for other in names)
+  return False
+
+
+BOUND_CHOICES = ('all', 'attention')
+
+
+def bound_rule(bound):
+  """``bound`` as a predicate ``(name, names) -> bool``."""
+  if bound is None or bound == 'all':
+    return lambda name, names: True
+  if bound == 'attention':
+    return is_attention
+  if callable(bound):
+    return lambda name, names: bool(bound(name))
+  raise ValueError(
+      f"bound must be 'all', 'attention' or a callable from a param's name "
+      f"(e.g. 'blocks/0/attn/query/kernel') to bool, got {bound!r}.")
+
+
+# The prefix of the reason given for matrices that ``bound`` leaves out:
+# their steps are plain AdamW's (no ramp), unlike other pass-through leaves.
+NOT_CHOSEN = 'not bounded'
+
+
 def resolve_views(
     params: Any,
     dimension_numbers: DimensionNumbersOrFn = None,
     bound_vectors: bool = False,
+    bound: Any = 'all',
 ) -> dict[str, MatrixView | str]:
   """Maps every leaf name to its :class:`MatrixView`, or a pass-through reason.
 
   Shared by ``init``, ``update`` and :func:`bounded_leaves`, so what is shown
   is exactly what is bounded.
   """
+  chosen = bound_rule(bound)
   if callable(dimension_numbers) and not isinstance(
       dimension_numbers, SpectralDimensionNumbers):
     dimension_numbers = dimension_numbers(params)
@@ -223,6 +288,12 @@ def resolve_views(
       views[name] = f'passed through: {len(shape)}-D'
       continue
     views[name] = matrix_view(shape, spec, name)._replace(dtype=leaf.dtype)
+  names = set(views)
+  for name, view in views.items():
+    if not isinstance(view, str) and not chosen(name, names):
+      views[name] = (f'{NOT_CHOSEN}: left out by bound={bound!r} '
+                     '(a plain AdamW step)' if isinstance(bound, str) else
+                     f'{NOT_CHOSEN}: left out by bound (a plain AdamW step)')
   return views
 
 
@@ -231,6 +302,7 @@ def bounded_leaves(
     dimension_numbers: DimensionNumbersOrFn = None,
     *,
     bound_vectors: bool = False,
+    bound: Any = 'all',
 ) -> dict[str, str]:
   """Says, for every leaf of ``params``, whether and how it is bounded.
 
@@ -241,6 +313,7 @@ def bounded_leaves(
     params: a pytree of arrays or ``jax.ShapeDtypeStruct``.
     dimension_numbers: as for :func:`scale_by_spectral_bound`.
     bound_vectors: as for :func:`scale_by_spectral_bound`.
+    bound: as for :func:`scale_by_spectral_bound`.
 
   Returns:
     ``{leaf name: description}``, e.g. ``'bounded: 64x256 matrix'``.
@@ -256,6 +329,6 @@ def bounded_leaves(
     stack: bounded: batch (2,) (axes (0,)) of 4x4 matrices
     w: bounded: 4x3 matrix
   """
-  views = resolve_views(params, dimension_numbers, bound_vectors)
+  views = resolve_views(params, dimension_numbers, bound_vectors, bound)
   return {name: view if isinstance(view, str) else view.describe()
           for name, view in views.items()}

@@ -407,11 +407,14 @@ def _bound(settings: _Settings, plan, state, estimates: _Estimates):
   return groups, factors, ramp
 
 
-def _apply(updates, views, factors, ramp):
+def _apply(updates, views, factors, ramp, plain=frozenset()):
   """Each bounded leaf's step times its matrices' factors; the steps of the
-  leaves the bound does not cover times the ramp."""
+  other leaves the bound does not cover times the ramp, except matrices
+  that ``bound`` left out (``plain``): plain AdamW steps."""
   def bound_leaf(path, update):
     name = _matrices.path_name(path)
+    if name in plain:
+      return update
     if name not in factors:  # not covered by the bound: ramped
       if not jnp.issubdtype(update.dtype, jnp.floating):
         return update
@@ -434,6 +437,7 @@ def scale_by_spectral_bound(
     ramp_steps: jax.typing.ArrayLike | None = None,
     dimension_numbers: _matrices.DimensionNumbersOrFn = None,
     bound_vectors: bool = False,
+    bound: Any = 'all',
     stack_matrices: bool | None = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -559,6 +563,13 @@ def scale_by_spectral_bound(
       :func:`bounded_leaves`.
     bound_vectors: also bound 1-D leaves (biases, norm scales) by their L2
       norm, as ``1 × n`` matrices.
+    bound: which matrices are bounded: ``'all'`` (default, the paper's
+      rule), ``'attention'`` (the query, key, value and output projections,
+      found by their modules' names: Flax's ``query``/``key``/``value``/
+      ``out``, ``q_proj``, ``qkv``, ``wq``, ``c_attn``, anything under an
+      ``attn``/``attention`` module, ...), or a callable from a param's name
+      (``'blocks/0/attn/query/kernel'``) to bool. Matrices left out take
+      plain AdamW steps; :func:`bounded_leaves` shows the choice.
     stack_matrices: whether each step copies a group's same-shaped 2-D
       matrices into one stack, so that each product is one kernel per shape
       (faster on one GPU; about one more param-sized buffer of scratch
@@ -590,6 +601,7 @@ def scale_by_spectral_bound(
     <https://arxiv.org/abs/2505.21910>`_, ICLR 2025.
   """
   _check_positive('tau', tau)
+  _matrices.bound_rule(bound)  # a ValueError here, not at init
   _check_positive('max_extrapolation', max_extrapolation, allow_zero=True)
   _check_positive('weight_floor', weight_floor, allow_zero=True)
   if ramp_steps is not None:
@@ -615,9 +627,12 @@ def scale_by_spectral_bound(
       ramp_steps=ramp_steps, stack_matrices=stack_matrices, seed=seed)
 
   def views_of(params):
-    return {name: view for name, view in _matrices.resolve_views(
-        params, dimension_numbers, bound_vectors).items()
-            if not isinstance(view, str)}
+    """``(views of the bounded leaves, names of matrices bound= left out)``."""
+    views = _matrices.resolve_views(params, dimension_numbers, bound_vectors,
+                                    bound)
+    return ({n: v for n, v in views.items() if not isinstance(v, str)},
+            {n for n, v in views.items() if isinstance(v, str)
+             and v.startswith(_matrices.NOT_CHOSEN)})
 
   def init_fn(params):
     if type(params).__name__ == '_ParamsPlaceholder':
@@ -627,7 +642,7 @@ def scale_by_spectral_bound(
       return ScaleBySpectralBoundState(count=jnp.zeros([], jnp.int32),
                                        groups='not params-shaped')
     _register_with_flax_serialization()
-    views = views_of(params)
+    views, _ = views_of(params)
     return ScaleBySpectralBoundState(
         count=jnp.zeros([], jnp.int32),
         groups=_initial_groups(settings, _plan(views), views,
@@ -639,7 +654,7 @@ def scale_by_spectral_bound(
       raise ValueError(
           'scale_by_spectral_bound bounds each step by σ1 of the params: call '
           'update(updates, state, params) with the params before this step.')
-    views = views_of(params)
+    views, plain = views_of(params)
     plan = _plan(views)
     _check_state(plan, state)
     update_leaves = _matrices.named_leaves(updates)
@@ -647,7 +662,7 @@ def scale_by_spectral_bound(
         settings, plan, state, _estimate(
             settings, plan, views, state, _matrices.named_leaves(params),
             update_leaves))
-    return _apply(updates, views, factors, ramp), ScaleBySpectralBoundState(
+    return _apply(updates, views, factors, ramp, plain), ScaleBySpectralBoundState(
         count=optax.safe_increment(state.count),
         groups={key: groups[key] for key in state.groups})
 
