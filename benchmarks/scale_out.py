@@ -71,7 +71,7 @@ SHAPES = {
     '1B': Shape(16, 2048, 512, 8192),     # Llama-3.2-1B
     '8B': Shape(32, 4096, 1024, 14336),   # Llama-3-8B
     '70B': Shape(80, 8192, 1024, 28672),  # Llama-3-70B
-    'test': Shape(4, 64, 32, 128, 256),
+    'test': Shape(2, 1024, 256, 2048, 2048),
 }
 
 # Column-parallel projections shard their output on 'tp', row-parallel
@@ -156,20 +156,25 @@ _BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2,
           'f64': 8}
 
 
-def _is_matrix(dims, block_size: int) -> bool:
+def _is_matrix(dims, nbytes: int, block_size: int, vector_bytes: int) -> bool:
   """Whether an array moved by a collective is (a piece of) a matrix: its
-  last two axes longer than 1 are both longer than the power iteration's
-  block, which a block of vectors ``(…, k, L)`` or ``(…, L, k)`` and a
-  ``k × k`` Gram are not."""
-  dims = [d for d in dims if d > 1]
-  return len(dims) >= 2 and min(dims[-2:]) > block_size
+  last two axes both longer than the power iteration's block (a block of
+  vectors is ``(…, k, L)`` or ``(…, L, k)``, a Gram ``k × k``), or more
+  bytes than all the vectors of the largest group of matrices
+  (``vector_bytes``): XLA moves matrix pieces as e.g. ``[1, 512, 1, 1,
+  128]`` between reshapes."""
+  return (len(dims) >= 2 and min(dims[-2:]) > block_size) or (
+      nbytes > vector_bytes)
 
 
-def collectives(hlo: str, block_size: int = 8) -> list[dict]:
+def collectives(hlo: str, vector_bytes: int, block_size: int = 8
+                ) -> list[dict]:
   """Every collective of a compiled module: kind, result shapes and bytes,
   and whether it moves a matrix (:func:`_is_matrix`)."""
   out = []
   for line in hlo.splitlines():
+    # Long tuples carry /*index=5*/ comments, whose '=' would cut them.
+    line = re.sub(r'/\*index=\d+\*/', '', line)
     m = _COLLECTIVE.search(line)
     if not m:
       continue
@@ -177,11 +182,25 @@ def collectives(hlo: str, block_size: int = 8) -> list[dict]:
               for t, dims in _ARRAY.findall(m.group(1))]
     if m.group(3) and m.group(2) == 'all-gather':
       shapes = shapes[len(shapes) // 2:]  # (operand, result) of a start
-    size = sum(_BYTES[t] * int(np.prod(d, dtype=np.int64)) for t, d in shapes)
-    out.append({'kind': m.group(2), 'bytes': size,
-                'matrix': any(_is_matrix(d, block_size) for _, d in shapes),
+    sizes = [_BYTES[t] * int(np.prod(d, dtype=np.int64)) for t, d in shapes]
+    out.append({'kind': m.group(2), 'bytes': sum(sizes),
+                'matrix': any(_is_matrix(d, b, block_size, vector_bytes)
+                              for (_, d), b in zip(shapes, sizes)),
                 'shapes': [f'{t}{d}' for t, d in shapes]})
   return out
+
+
+def vector_bytes(params, block_size: int = 8) -> int:
+  """Bytes of the largest group's blocks (k rows for the step, one for W,
+  on each matrix's longer side) if it were moved whole: what one collective
+  of vectors can move at most."""
+  groups = {}
+  for x in jax.tree.leaves(params):
+    if x.ndim >= 2:
+      *batch, m, n = x.shape
+      groups[(m, n)] = groups.get((m, n), 0) + int(np.prod(batch, dtype=int))
+  return max((b * (block_size + 1) * max(m, n) * 4
+              for (m, n), b in groups.items()), default=0)
 
 
 def shard_bytes(tree) -> int:
@@ -226,7 +245,7 @@ def compile_update(tx, params, mesh):
         params, state, params).compile()
   seconds = time.perf_counter() - start
   mem = compiled.memory_analysis()
-  coll = collectives(compiled.as_text())
+  coll = collectives(compiled.as_text(), vector_bytes(params))
   return {
       'compile_s': seconds,
       'temp': int(mem.temp_size_in_bytes),
@@ -314,14 +333,15 @@ def compile_train_step(cfg, batch, devices, name, structure):
         abstract, tokens, tokens).compile()
     seconds = time.perf_counter() - start
   mem = compiled.memory_analysis()
-  coll = collectives(compiled.as_text())
   params = nnx.state(nnx.merge(graphdef, abstract)[0], nnx.Param)
+  coll = collectives(compiled.as_text(), vector_bytes(params))
   return {
       'compile_s': seconds, 'temp': int(mem.temp_size_in_bytes),
       'peak': int(mem.argument_size_in_bytes + mem.output_size_in_bytes
                   + mem.temp_size_in_bytes - mem.alias_size_in_bytes),
       'param_bytes': shard_bytes(params),
       'collectives': summarize(coll),
+      'matrix_count': sum(c['matrix'] for c in coll),
       'matrix_moves': [f"{c['kind']} {c['shapes']}" for c in coll
                        if c['matrix']][:5]}
 
@@ -329,22 +349,23 @@ def compile_train_step(cfg, batch, devices, name, structure):
 # --- the study ----------------------------------------------------------------
 
 def update_configs(quick: bool):
-  """(size, scan, devices, tp, axes, structure)."""
+  """(size, scan, devices, tp, axes, structure): every mesh, layout and
+  axis type at 1B; at 8B over 16 devices; the scanned layers (cheap to
+  compile) at 8B over 64 devices and at 70B; one list of 80 layers (a 70B
+  list compiles for minutes); the CPUs' structure at 8B."""
   if quick:
     return [('test', scan, 8, tp, axes, 'accelerators')
             for scan in (False, True) for tp in (1, 2)
             for axes in ('Auto', 'Explicit')]
-  out = []
-  for size in ('1B', '8B', '70B'):
-    for devices in (16, 64):
-      for scan in (False, True):
-        for tp in (1, 4):
-          for axes in ('Auto', 'Explicit'):
-            out.append((size, scan, devices, tp, axes, 'accelerators'))
-  # The CPUs' structure (loops) on the 8B shapes.
-  out += [('8B', scan, 16, tp, axes, 'cpu') for scan in (False, True)
-          for tp in (1, 4) for axes in ('Auto', 'Explicit')]
-  return out
+  grid = lambda size, devices, scans: [
+      (size, scan, devices, tp, axes, 'accelerators') for scan in scans
+      for tp in (1, 4) for axes in ('Auto', 'Explicit')]
+  return (grid('1B', 16, (False, True)) + grid('1B', 64, (False, True))
+          + grid('8B', 16, (False, True)) + grid('8B', 64, (True,))
+          + grid('70B', 64, (True,))
+          + [('70B', False, 64, 4, 'Auto', 'accelerators')]
+          + [('8B', scan, 16, 4, axes, 'cpu') for scan in (False, True)
+             for axes in ('Auto', 'Explicit')])
 
 
 def ratio(a, b):
@@ -414,8 +435,9 @@ def to_markdown(result: dict) -> str:
     lines += ['', f"## Whole training step: the GPT example at "
               f"{result['train_step']['model']}", '',
               '| structure | peak (adamw2 / adamw) | temp over adamw\'s (× '
-              'params) | collectives adamw2 / adamw | compile s (adamw2 / '
-              'adamw) |', '|---|---|---|---|---|']
+              'params) | collectives adamw2 / adamw | collectives that move '
+              'a matrix, adamw2 / adamw (the model\'s own FSDP gathers) | '
+              'compile s (adamw2 / adamw) |', '|---|---|---|---|---|---|']
     for structure, r in result['train_step']['runs'].items():
       a, b = r['adamw'], r['adamw2']
       lines.append(
@@ -424,6 +446,7 @@ def to_markdown(result: dict) -> str:
           f"{ratio(b['temp'] - a['temp'], a['param_bytes']):.3f}× | "
           f"{_total(b['collectives']) / 2**20:.0f} / "
           f"{_total(a['collectives']) / 2**20:.0f} MiB | "
+          f"{b['matrix_count']} / {a['matrix_count']} | "
           f"{b['compile_s']:.1f} / {a['compile_s']:.1f} |")
   return '\n'.join(lines) + '\n'
 
@@ -454,9 +477,11 @@ def main(argv=None):
   for config in tqdm(configs, desc='update + apply'):
     result['update'].append(run_config(*config, ('adamw', 'adamw2')))
     save()
-  muon = [('test' if args.quick else '8B', scan, 8 if args.quick else 16,
-           tp, axes, 'accelerators') for scan in (False, True)
-          for tp in (1, 4 if not args.quick else 2) for axes in ('Auto',)]
+  # Scanned layers only: muon's update of an 8B list of layers compiled for
+  # more than three minutes here.
+  muon = [('test' if args.quick else '8B', True, 8 if args.quick else 16,
+           tp, axes, 'accelerators') for tp in (1, 2 if args.quick else 4)
+          for axes in ('Auto', 'Explicit')]
   for config in tqdm(muon, desc='optax.contrib.muon'):
     result['muon'].append(run_config(*config, ('adamw', 'muon')))
     save()

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
     'before jax is imported; run pytest from the repository root')
 
 # Matrices much larger than their blocks of vectors (k = 8 rows of 256-1024).
-SHAPE = scale_out.Shape(layers=2, d=1024, kv=256, mlp=2048, vocab=2048)
+SHAPE = scale_out.SHAPES["test"]
 
 
 def _compile(monkeypatch, scan, axis_type, stacks=None):
@@ -55,8 +55,9 @@ def test_sharded_step_moves_vectors_not_matrices(monkeypatch, scan,
   moved = sum(c['bytes'] for c in adamw2['collectives'].values())
   assert 0 < moved < 0.2 * param_bytes, adamw2['collectives']
   # Scratch memory: the step Δ, kept until its factor is known, and the
-  # copy of Adam's direction that XLA:CPU's fusion keeps beside it (README,
-  # "At scale"); never a stacked copy of the params or gradients.
+  # copy of Adam's direction that XLA:CPU's fusion keeps beside it (it fuses
+  # the learning rate's product into both the products and the apply; see
+  # benchmarks/results/cpu-scale_out.md); never a stacked copy of the params.
   extra = (adamw2['temp'] - adamw['temp']) / param_bytes
   assert extra < 2.15, extra
   # The vectors are stored sharded: the state is adamw's and a few percent
