@@ -51,19 +51,26 @@ def settings(warmup):
           ('adamw2 (default)', 'adamw2', 0, {})]
 
 
-VARIANT_OPTIONS = ('tau', 'weight_floor', 'ramp_steps')
+VARIANT_OPTIONS = ('tau', 'weight_floor', 'ramp_steps', 'bound')
+BOUND_CHOICES = ('all', 'attention')
 
 
 def variant(spec: str):
-  """``'weight_floor=2,ramp_steps=25'`` -> a settings row of adamw2 with
-  those options; ValueError on anything else."""
+  """``'weight_floor=2,ramp_steps=25'`` or ``'bound=attention'`` -> a
+  settings row of adamw2 with those options; ValueError on anything else."""
   options = {}
   for part in spec.split(','):
     name, eq, value = part.partition('=')
     name = name.strip()
     if not eq or name not in VARIANT_OPTIONS:
-      raise ValueError(f'{spec!r}: expected comma-separated OPTION=NUMBER '
+      raise ValueError(f'{spec!r}: expected comma-separated OPTION=VALUE '
                        f'with OPTION one of {", ".join(VARIANT_OPTIONS)}')
+    if name == 'bound':
+      if value.strip() not in BOUND_CHOICES:
+        raise ValueError(f'{spec!r}: bound must be one of '
+                         f'{", ".join(BOUND_CHOICES)}')
+      options[name] = value.strip()
+      continue
     try:
       number = float(value)
     except ValueError:
@@ -218,7 +225,9 @@ def run_job(job):
   r = stability.run_one(task, name, warmup, options.get('tau'), lr, seed,
                         steps, preset, _DATA[task], init_std=INITS[init],
                         weight_floor=options.get('weight_floor'),
-                        ramp_steps=options.get('ramp_steps'))
+                        ramp_steps=options.get('ramp_steps'),
+                        **({'bound': options['bound']} if 'bound' in options
+                           else {}))
   r.update(init=init, setting=label, steps=steps, preset=preset,
            device=stability.common.jax.devices()[0].device_kind)
   return r
@@ -261,7 +270,8 @@ def main(argv=None):
   p.add_argument('--out', default=os.path.join(HERE, 'results', 'small_init'))
   p.add_argument('--variants', nargs='+', default=[], metavar='SPEC',
                  help='more adamw2 rows, each comma-separated options, e.g. '
-                 "'weight_floor=2' 'tau=0.05,ramp_steps=25' (options: "
+                 "'weight_floor=2' 'tau=0.05,ramp_steps=25' 'bound=attention' "
+                 "(options: "
                  f'{", ".join(VARIANT_OPTIONS)})')
   p.add_argument('--workers', type=int, default=1,
                  help='runs at once, each in its own process (default 1; '

@@ -44,14 +44,14 @@ def label(name, warmup, tau):
 
 
 def run_one(task, name, warmup, tau, lr, seed, steps, preset, data,
-            init_std=None, weight_floor=None, ramp_steps=None):
+            init_std=None, weight_floor=None, ramp_steps=None, bound=None):
   """One training run: its score (GPT: mean train loss of the last 10% of
   steps; ViT: test accuracy), min late attention entropy, crash flag, and
   the mean fraction of matrices the bound shrank in each third of the run."""
   cfg = common.OptimizerConfig(name=name, lr=lr, warmup_steps=warmup,
                                tau=tau, steps=steps,
                                weight_floor=weight_floor,
-                               ramp_steps=ramp_steps)
+                               ramp_steps=ramp_steps, bound=bound)
   if task == 'gpt':
     model_cfg = dataclasses.replace(gpt.PRESETS[preset], init_std=init_std)
     _, history = gpt.train(cfg, model_cfg, data, seed=seed)

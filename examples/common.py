@@ -159,6 +159,7 @@ class OptimizerConfig:
   tau: float | None = None     # None: the library default
   weight_floor: float | None = None  # None: the library default
   ramp_steps: int | None = None  # None: the library default (1 / tau)
+  bound: str | None = None     # None: the library default ('all')
   b2: float = 0.95
 
 
@@ -196,12 +197,43 @@ def make_optimizer(cfg: OptimizerConfig, model: nnx.Module,
   if cfg.name == 'adamw2':
     given = {k: v for k, v in [('tau', cfg.tau),
                                ('weight_floor', cfg.weight_floor),
-                               ('ramp_steps', cfg.ramp_steps)]
+                               ('ramp_steps', cfg.ramp_steps),
+                               ('bound', cfg.bound)]
              if v is not None}
     return optax_spectral.adamw2(lr, b2=cfg.b2, weight_decay=cfg.weight_decay,
                                  mask=decay, dimension_numbers=dims,
                                  **given, **adamw2_options)
   raise ValueError(f'unknown optimizer {cfg.name!r}: use adamw or adamw2')
+
+
+GROUPS = ('attention', 'MLP', 'embedding', 'head')
+
+
+def matrix_group(leaf: str, leaves) -> str:
+  """Which kind of matrix a bounded leaf (``'blocks/layers/0/qkv/kernel'``)
+  is, by name: the attention projections as ``bound='attention'`` finds
+  them, the input embeddings (token, position, patch), the output head, and
+  the rest of the blocks (MLP)."""
+  name = leaf.split('[')[0]
+  if optax_spectral.is_attention(name, leaves):
+    return 'attention'
+  if name.split('/')[0] in ('wte', 'wpe', 'embed'):
+    return 'embedding'
+  if name.split('/')[0] == 'head':
+    return 'head'
+  return 'MLP'
+
+
+def group_factors(row: dict) -> dict[str, float]:
+  """A logged row's mean applied factor (effective lr / the schedule's) per
+  :data:`GROUPS`, from its ``factor/<leaf>[layer]`` entries."""
+  factors = {k[len('factor/'):]: v for k, v in row.items()
+             if k.startswith('factor/')}
+  leaves = {k.split('[')[0] for k in factors}
+  groups = {}
+  for leaf, value in factors.items():
+    groups.setdefault(matrix_group(leaf, leaves), []).append(value)
+  return {g: float(np.mean(v)) for g, v in groups.items()}
 
 
 def bound_metrics(opt_state) -> dict[str, float]:
@@ -257,6 +289,8 @@ class RunConfig:
   log_every: int = 1           # metrics and the entropy probe every n steps
   desc: str = 'train'
   stop_at: int | None = None   # stop early (a simulated preemption)
+  # Warn when attention collapses (a comparison reports it as a result).
+  warn_on_collapse: bool = True
   peak_flops: float | None = None  # per device; None: from PEAK_FLOPS
 
 
@@ -419,7 +453,7 @@ def fit(model: nnx.Module, opt: OptimizerConfig, train_step: Callable,
                  float('nan'))
     last_log = now, step
     entropy = np.asarray(entropy)
-    if main and not collapsed:  # warn once per run
+    if main and run.warn_on_collapse and not collapsed:  # once per run
       collapsed = diagnostics.warn_if_attention_collapsed(entropy, step)
     row.update({'entropy_min': float(entropy.min()),
                 'entropy_mean': float(entropy.mean()),

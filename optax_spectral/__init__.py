@@ -4,6 +4,7 @@ from optax_spectral._alias import adamw2
 from optax_spectral._alias import from_adamw_state
 from optax_spectral._linen import linen_dimension_numbers
 from optax_spectral._matrices import bounded_leaves
+from optax_spectral._matrices import is_attention
 from optax_spectral._matrices import SpectralDimensionNumbers
 from optax_spectral._nnx import nnx_dimension_numbers
 from optax_spectral._power_iteration import power_iteration
@@ -21,6 +22,7 @@ __all__ = (
     'bounded_leaves',
     'diagnostics',
     'from_adamw_state',
+    'is_attention',
     'linen_dimension_numbers',
     'nnx_dimension_numbers',
     'power_iteration',

@@ -46,7 +46,8 @@ def adamw2(
   step. Swap it for ``optax.adamw`` and drop the warmup.
 
   Args:
-    learning_rate: a float or an optax schedule.
+    learning_rate: a float or an optax schedule, >= 0 (a negative one, which
+      ``optax.adamw`` would take as gradient ascent, is a ``ValueError``).
     b1: decay rate of the first moment.
     b2: decay rate of the second moment.
     eps: added to the denominator outside the square root.
@@ -113,6 +114,7 @@ def adamw2(
     Loshchilov and Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
   """
+  _check_learning_rate(learning_rate)
   tx = optax.chain(
       optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
                   mu_dtype=mu_dtype, weight_decay=weight_decay, mask=mask,
@@ -134,6 +136,21 @@ def adamw2(
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
+def _check_learning_rate(learning_rate) -> None:
+  """A negative learning rate makes AdamW ascend the loss; optax.adamw takes
+  it silently, adamw2 refuses it (a float, or a schedule's value at step 0)
+  where it is known at construction."""
+  try:
+    value = learning_rate(0) if callable(learning_rate) else learning_rate
+    value = float(value)
+  except (TypeError, ValueError):  # (a ConcretizationTypeError is one)
+    return  # traced (inject_hyperparams) or not a number: optax decides
+  if value < 0 or value != value:
+    raise ValueError(
+        f'learning_rate must be >= 0 (a negative one ascends the loss), got '
+        f'{value}{" at step 0 of the schedule" if callable(learning_rate) else ""}.')
+
+
 def _check_like_init(updates, state) -> None:
   """A short ValueError naming the leaves, where optax would fail deep inside
   (``add got incompatible shapes``) on grads unlike the params of ``init``."""
@@ -153,7 +170,10 @@ def _check_like_init(updates, state) -> None:
   raise ValueError(
       'adamw2.update: the gradients do not match the params given to init ('
       + '; '.join(problems[:3])
-      + (f'; {len(problems) - 3} more' if len(problems) > 3 else '') + ').')
+      + (f'; {len(problems) - 3} more' if len(problems) > 3 else '')
+      + '). If the model changed, create the state again for its params: '
+      'state = tx.init(params) (Flax NNX: nnx.Optimizer(model, tx, '
+      'wrt=nnx.Param)).')
 
 
 def from_adamw_state(adamw_state: Any, tx: optax.GradientTransformation,

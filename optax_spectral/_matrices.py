@@ -1,6 +1,7 @@
 """Which leaves are bounded, and how a leaf is viewed as a batch of matrices."""
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -34,12 +35,14 @@ class SpectralDimensionNumbers(NamedTuple):
 DimensionNumbersOrFn = (
     SpectralDimensionNumbers | Any | Callable[[Any], Any] | None)
 
-# The default for leaves with more than two dimensions: the last two axes are
-# the matrix, leading axes are batch axes. This is right for stacked layers
-# (``nnx.scan``/``nnx.vmap``: ``(layers, d_in, d_out)``) and for convolution
-# kernels (``(kh, kw, c_in, c_out)``: one matrix per tap). It is wrong for
-# multi-head ``LinearGeneral`` kernels such as ``(d_model, heads, head_dim)``;
-# pass ``dimension_numbers`` for those, and check with ``bounded_leaves``.
+# The default for leaves with more than two dimensions (other than biases,
+# norm scales and Flax's attention kernels, read by name): the last two axes
+# are the matrix, leading axes are batch axes. Right for stacked layers
+# (``nnx.scan``/``nnx.vmap``: ``(layers, d_in, d_out)``); for multi-head
+# kernels such as ``(d_model, heads, head_dim)`` it is not, and ``init``
+# says so once (resolve_views). optax.contrib.muon leaves such leaves to
+# Adam instead; here that would silently drop the bound from every scanned
+# model.
 _DEFAULT_ND = SpectralDimensionNumbers(reduction_axis=-2, output_axis=-1)
 # 1-D leaves, when bounded, are ``1 × n`` matrices: σ1 is their L2 norm.
 _VECTOR = SpectralDimensionNumbers(reduction_axis=(), output_axis=0)
@@ -243,16 +246,42 @@ def bound_rule(bound):
 NOT_CHOSEN = 'not bounded'
 
 
+# Leaves with these names are biases and norm scales: shifts and scales,
+# never matrices, whatever their rank (a (heads, head_dim) bias, a scanned
+# (layers, d) scale).
+_NOT_MATRICES = frozenset({'bias', 'scale'})
+
+
+def _flax_attention_spec(name: str, ndim: int, names) -> (
+    SpectralDimensionNumbers | None):
+  """Flax's ``MultiHeadAttention``/``LinearGeneral`` projections by name:
+  ``query``/``key``/``value`` kernels ``(…, in, heads, head_dim)`` are one
+  ``in × heads·head_dim`` matrix, the ``out`` kernel ``(…, heads, head_dim,
+  out)`` one ``heads·head_dim × out`` matrix; leading axes (``nnx.scan``)
+  are batch axes."""
+  parts = name.lower().split('/')
+  if ndim < 3 or len(parts) < 2 or parts[-1] != 'kernel':
+    return None
+  if parts[-2] in ('query', 'key', 'value'):
+    return SpectralDimensionNumbers(ndim - 3, (ndim - 2, ndim - 1))
+  if parts[-2] == 'out' and is_attention(name, names):
+    return SpectralDimensionNumbers((ndim - 3, ndim - 2), ndim - 1)
+  return None
+
+
 def resolve_views(
     params: Any,
     dimension_numbers: DimensionNumbersOrFn = None,
     bound_vectors: bool = False,
     bound: Any = 'all',
+    warn: bool = False,
 ) -> dict[str, MatrixView | str]:
   """Maps every leaf name to its :class:`MatrixView`, or a pass-through reason.
 
   Shared by ``init``, ``update`` and :func:`bounded_leaves`, so what is shown
-  is exactly what is bounded.
+  is exactly what is bounded. With ``warn`` (``init``), leaves of three or
+  more dimensions that the default rule read as batches of matrices are
+  named in one warning, with the fix.
   """
   chosen = bound_rule(bound)
   if callable(dimension_numbers) and not isinstance(
@@ -262,8 +291,10 @@ def resolve_views(
   # only replaces the default for leaves with two or more dimensions.
   per_leaf = dimension_numbers is not None and not isinstance(
       dimension_numbers, SpectralDimensionNumbers)
-  views = {}
-  for name, leaf, spec in _named_leaves(params, dimension_numbers):
+  leaves = list(_named_leaves(params, dimension_numbers))
+  names = {name for name, _, _ in leaves}
+  views, guessed = {}, []
+  for name, leaf, spec in leaves:
     if name in views:
       raise ValueError(
           f'Two leaves of params are both named {name!r} (e.g. a key '
@@ -279,21 +310,42 @@ def resolve_views(
       if spec is None:
         views[name] = 'passed through: its dimension_numbers is None'
         continue
+    elif name.split('/')[-1].lower() in _NOT_MATRICES and not (
+        len(shape) == 1 and bound_vectors):
+      views[name] = 'passed through: a bias or norm scale'
+      continue
     elif len(shape) >= 2:
-      if spec is None:
-        spec = _DEFAULT_ND if len(shape) > 2 else SpectralDimensionNumbers()
+      if spec is None and len(shape) > 2:
+        spec = _flax_attention_spec(name, len(shape), names)
+        if spec is None:
+          spec = _DEFAULT_ND
+          guessed.append(name)
+      elif spec is None:
+        spec = SpectralDimensionNumbers()
     elif len(shape) == 1 and bound_vectors:
       spec = _VECTOR
     else:
       views[name] = f'passed through: {len(shape)}-D'
       continue
     views[name] = matrix_view(shape, spec, name)._replace(dtype=leaf.dtype)
-  names = set(views)
   for name, view in views.items():
     if not isinstance(view, str) and not chosen(name, names):
       views[name] = (f'{NOT_CHOSEN}: left out by bound={bound!r} '
                      '(a plain AdamW step)' if isinstance(bound, str) else
                      f'{NOT_CHOSEN}: left out by bound (a plain AdamW step)')
+  guessed = [n for n in guessed if not isinstance(views[n], str)]
+  if warn and guessed:
+    shown = '; '.join(f'{n}: {views[n].describe()}' for n in guessed[:4])
+    more = f' (and {len(guessed) - 4} more)' if len(guessed) > 4 else ''
+    warnings.warn(
+        'scale_by_spectral_bound: leaves with three or more dimensions were '
+        f'read as batches of matrices over their last two axes: {shown}'
+        f'{more}. Right for layers stacked by nnx.scan; wrong for multi-head '
+        'or convolution kernels. For a Flax model pass dimension_numbers='
+        'optax_spectral.nnx_dimension_numbers(model) (linen: '
+        'linen_dimension_numbers(module, *example_inputs)); to accept this '
+        'reading and silence this, dimension_numbers='
+        'optax_spectral.SpectralDimensionNumbers(-2, -1).', stacklevel=4)
   return views
 
 

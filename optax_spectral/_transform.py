@@ -234,8 +234,10 @@ def _check_state(plan, state):
         f'{sorted(expected)}'
         + (f'; (leaf, batch shape) in one but not the other: {odd}'
            if odd else '')
-        + '). Was the state initialised with other params or '
-        'dimension_numbers?')
+        + '). The state was initialised for other params or '
+        'dimension_numbers: create it again for these params, '
+        'state = tx.init(params) (Flax NNX: nnx.Optimizer(model, tx, '
+        'wrt=nnx.Param)); from_adamw_state carries Adam\'s moments over.')
 
 
 class _Settings(NamedTuple):
@@ -453,81 +455,17 @@ def scale_by_spectral_bound(
   learning-rate scaling, pass the same ``learning_rate``; the bound then uses
   ``|learning_rate(count)| · σ1(Δ)`` and the final update is the same.
 
-  σ1 is estimated by warm-started power iteration (:func:`power_iteration`),
-  vectors kept in the state, accumulating in at least float32, with the
-  products at full float32 precision (not TF32):
-
-  * ``σ1(W)``: one iteration per step with one vector (two matrix-vector
-    products). ``W`` moves little per step, so its vector stays converged;
-    the estimate is a lower bound, which errs towards a tighter bound.
-  * ``σ1(Δ)``: ``Δ`` is new every step, so it gets ``num_iterations``
-    iterations with a block of ``block_size`` vectors (subspace iteration:
-    about the cost of one vector on accelerators). A lower bound ``σ`` is
-    loose on noise-like steps, which would make the bound looser than asked.
-    The estimate is therefore extrapolated from the last iteration's
-    convergence, ``σ · min(σ / σ_half, 1 + max_extrapolation)`` (``σ_half =
-    σ_max(Δ V) <= σ``): exact when converged, never more than
-    ``max_extrapolation`` above ``σ``. With the defaults, when gradients
-    change direction every step, the applied step stays within 0.1% of
-    ``τ σ1(W)`` and about 3% below it on median (tests/test_transform.py).
-  * Cold start. On CPUs, the first step runs ``num_iterations_first``
-    iterations on both, in the loop that all steps share (loops cost nothing
-    there, and the iteration compiles once). On GPUs and TPUs, where each
-    loop or branch on device data makes the host wait, every step runs the
-    same unrolled iterations: ``init`` runs ``num_iterations_first``
-    iterations on each ``W`` it is given (abstract params keep random
-    vectors, which the steps converge, meanwhile erring towards a tighter
-    bound), and the first step, whose block on ``Δ`` starts cold, is bounded
-    with ``‖Δ‖_F >= σ1(Δ)``: never looser than asked, and tighter by up to
-    ``sqrt(rank(Δ))`` for that one step. Its iteration still warms the
-    block: from the second step on the estimate is as good as later
-    (tests/test_transform.py).
-  * The work is batched: all bounded matrices of one shape and dtype form a
-    group, whose vectors are stacked in the state, and whose plain 2-D
-    matrices are stacked into one copy per step, so that each product is one
-    batched kernel per group; the rest (Gram matrices, Cholesky-QR, Ritz
-    values) runs once per group or once for all groups, in plain ``jnp``
-    arithmetic. The update
-    calls no solver (no QR, eigh or Cholesky custom call), so that a model's
-    cost on GPUs and TPUs follows its number of shapes, not of layers.
-
-  Settings that shape the state or the compiled graph default to ``None``, so
-  that ``optax.inject_hyperparams(scale_by_spectral_bound)`` (or of
-  :func:`adamw2`) injects only ``tau``, ``max_extrapolation``,
-  ``weight_floor`` and a given ``ramp_steps`` (and adamw2's numbers), which
-  may then be changed during training. A ``block_size`` given explicitly to
-  an injected optimizer must be listed in its ``static_args``; iteration
-  counts may be injected (they then run in a loop).
-
-  Small inits: the bound uses ``max(σ1(W), weight_floor · (1 + sqrt(cols /
-  rows)))``, where ``1 + sqrt(cols / rows)`` is σ1 of a variance-preserving
-  random ``rows × cols`` matrix (LeCun normal, entries of std
-  ``1/sqrt(rows)``, ``rows`` being the reduction side). A matrix initialised
-  smaller (GPT-2's std 0.02, or zero) may then grow as fast as a standard-
-  init one may, instead of by ``tau`` of its own small σ1 per step, which
-  throttles learning for hundreds of steps (README, "Small inits"). Above
-  the floor this is the paper's rule; ``weight_floor=0`` is the paper's rule
-  everywhere. Weyl's inequality still bounds each step: σ1 grows by at most
-  ``tau`` times the larger of σ1(W) and the floor.
-
-  The first steps: over ``ramp_steps`` steps (default ``1 / tau``, 50 at
-  the default tau) the floor ramps in linearly, ``(t + 1) / ramp_steps`` of
-  it on step ``t``, and so does the step of every leaf the bound does not
-  cover (biases, norm scales, embedding-like tables left out by
-  ``dimension_numbers``). Adam's first steps move every entry by about the
-  learning rate, whatever its gradient's signal: in a small-init model such
-  steps let zero-init biases and position tables drown the small ``W x``
-  (a ViT at std 0.02 stays at chance for 100 steps, then its attention
-  collapses), and let the floored matrices leave their small init faster
-  than AdamW with warmup would. At a standard init the matrices start at
-  their floor, so only the uncovered leaves feel the ramp.
-  It is the bound's own time scale, not a warmup to tune: ``1 / tau`` steps
-  is how long a matrix takes to grow by ``e`` under the bound.
-  ``ramp_steps=0`` turns it off (the rule of earlier versions).
-
-  Guards: with ``weight_floor=0``, a matrix with ``σ1(W) = 0`` is not bounded
-  on that step, as in optax's trust ratio, so it can still move; ``σ1(Δ) = 0``
-  gives factor 1; a non-finite step leaves the persistent vectors unchanged.
+  σ1 is estimated by warm-started power iteration (:func:`power_iteration`)
+  on every matrix at once, batched by shape: one iteration per step on
+  ``W`` (one vector) and on ``Δ`` (a block of ``block_size`` vectors), in
+  float32 at least, with no solver call. σ1(W) in the bound is at least
+  ``weight_floor`` times σ1 of a variance-preserving random matrix of its
+  shape, ``1 + sqrt(cols / rows)``, so that small-init matrices are not
+  throttled; over the first ``ramp_steps`` steps that floor, and the steps
+  of the leaves the bound does not cover, ramp in linearly. The paper's rule
+  is ``weight_floor=0, ramp_steps=0``. How each piece is computed, the cold
+  start, the guards and what was measured: docs/notes.md, "How the bound is
+  computed".
 
   Args:
     tau: the largest allowed ``σ1(Δ) / σ1(W)`` per step, > 0 (a concrete
@@ -626,10 +564,10 @@ def scale_by_spectral_bound(
       max_extrapolation=max_extrapolation, weight_floor=weight_floor,
       ramp_steps=ramp_steps, stack_matrices=stack_matrices, seed=seed)
 
-  def views_of(params):
+  def views_of(params, warn=False):
     """``(views of the bounded leaves, names of matrices bound= left out)``."""
     views = _matrices.resolve_views(params, dimension_numbers, bound_vectors,
-                                    bound)
+                                    bound, warn=warn)
     return ({n: v for n, v in views.items() if not isinstance(v, str)},
             {n for n, v in views.items() if isinstance(v, str)
              and v.startswith(_matrices.NOT_CHOSEN)})
@@ -642,7 +580,7 @@ def scale_by_spectral_bound(
       return ScaleBySpectralBoundState(count=jnp.zeros([], jnp.int32),
                                        groups='not params-shaped')
     _register_with_flax_serialization()
-    views, _ = views_of(params)
+    views, _ = views_of(params, warn=True)
     return ScaleBySpectralBoundState(
         count=jnp.zeros([], jnp.int32),
         groups=_initial_groups(settings, _plan(views), views,

@@ -123,9 +123,10 @@ def test_small_init_variants_reach_the_optimizer(tmp_path, monkeypatch):
   calls = []
 
   def fake_run(task, name, warmup, tau, lr, seed, steps, preset, data,
-               init_std, weight_floor, ramp_steps):
+               init_std, weight_floor, ramp_steps, bound=None):
     del data, init_std
-    calls.append((name, warmup, tau, weight_floor, ramp_steps))
+    calls.append((name, warmup, tau, weight_floor, ramp_steps) + (
+        (bound,) if bound else ()))
     return {'task': task, 'setting': 'ignored', 'lr': lr, 'seed': seed,
             'score': 0.5 + seed / 10 + len(calls) / 100, 'min_entropy': 1.0,
             'crashed': False, 'bound_active_thirds': [0.5] * 3,
@@ -136,29 +137,31 @@ def test_small_init_variants_reach_the_optimizer(tmp_path, monkeypatch):
   argv = ['--quick', '--tasks', 'vit', '--inits', 'std 0.02', '--out', out,
           '--skip-ablations', '--seeds', '0', '1']
   runs = small_init.main(argv + ['--variants', 'tau=0.05,ramp_steps=25',
-                                 'weight_floor=2'])
-  assert calls[:5] == [('adamw', 0, None, None, None),
+                                 'weight_floor=2', 'bound=attention'])
+  assert calls[:6] == [('adamw', 0, None, None, None),
                        ('adamw', 10, None, None, None),
                        ('adamw2', 0, None, None, None),
                        ('adamw2', 0, 0.05, None, 25.0),
-                       ('adamw2', 0, None, 2.0, None)]
-  assert [r['setting'] for r in runs[:5]] == [
+                       ('adamw2', 0, None, 2.0, None),
+                       ('adamw2', 0, None, None, None, 'attention')]
+  assert [r['setting'] for r in runs[:6]] == [
       'adamw', 'adamw + 10 warmup', 'adamw2 (default)',
-      'adamw2 tau=0.05,ramp_steps=25', 'adamw2 weight_floor=2']
+      'adamw2 tau=0.05,ramp_steps=25', 'adamw2 weight_floor=2',
+      'adamw2 bound=attention']
   assert {r['device'] for r in runs} == {'cpu'}
   with open(out + '.md') as f:
     report = f.read()
   assert 'Device: cpu.' in report
   # Paired by seed: each row's score minus the warmup run's on the same
   # seed. Fake scores grow by 0.01 per call, so the weight_floor row (calls
-  # 5 and 10) is 0.03 above the warmup row (calls 2 and 7) on both seeds:
+  # 5 and 11) is 0.03 above the warmup row (calls 2 and 8) on both seeds:
   # mean +0.030, standard error 0. Unpaired (seed 0 against seed 1) it
   # would be -0.12.
   assert ('| std 0.02 | adamw2 weight_floor=2 | 0.03 | +0.030 ± 0.000 '
           '(neutral or better) | n/a |') in report, report
   # A row with a seed the warmup row lacks: that seed is left out of the
   # difference, which stays +0.030 (the unpaired difference of means would
-  # be (0.55 + 0.70 + 0) / 3 - (0.52 + 0.67) / 2 = -0.178).
+  # be (0.55 + 0.71 + 0) / 3 - (0.52 + 0.68) / 2 = -0.180).
   with open(out + '.jsonl', 'a') as f:
     f.write(json.dumps(dict(runs[4], seed=2, score=0.0)) + '\n')
   small_init.main(argv[:-2] + ['0', '1', '2', '--variants', 'weight_floor=2',
@@ -168,12 +171,12 @@ def test_small_init_variants_reach_the_optimizer(tmp_path, monkeypatch):
   assert ('| std 0.02 | adamw2 weight_floor=2 | 0.03 | +0.030 ± 0.000 '
           '(neutral or better) | n/a |') in report, report
   for bad in ['tau=0', 'floor=2', 'weight_floor=two', 'weight_floor',
-              'ramp_steps=-1', 'tau=nan']:
+              'ramp_steps=-1', 'tau=nan', 'bound=mlp']:
     with pytest.raises(SystemExit):
       small_init.main(argv + ['--variants', bad])
   with pytest.raises(SystemExit):
     small_init.main(argv + ['--workers', '0'])
-  assert len(calls) == 10
+  assert len(calls) == 12  # 6 rows x 2 seeds: nothing ran for the bad specs
 
 
 @pytest.mark.slow
