@@ -95,21 +95,22 @@ def vector_spec(mesh, length: int, matrices) -> P:
   if mesh is None or size(mesh) <= 1 or not matrices or any(
       m is None for m in matrices):
     return P()
-  longs = {long for long, _ in matrices}
-  if len(longs) == 1 and next(iter(longs)):
-    # The matrices' own layout of their long side, where they agree: the
-    # products then need no vector moved before them, and under Auto axes
-    # XLA never finds gathering a matrix cheaper than moving the vectors
-    # (it did, for a (vocab, d) table sharded (tp, fsdp) whose vectors were
-    # stored over (fsdp, tp)).
-    (long,) = longs
-    names = [n for n in mesh.axis_names if n in long]
-    if length % math.prod(mesh.shape[n] for n in names) == 0:
-      return P(None, None, tuple(names) if len(names) > 1 else names[0])
   shared = frozenset.intersection(*[used for _, used in matrices])
   axes, product = [], 1
+  longs = {long for long, _ in matrices}
+  if len(longs) == 1 and next(iter(longs)):
+    # First the matrices' own layout of their long side, where they agree,
+    # then finer: the vectors a device keeps are then a slice of those its
+    # products use, and under Auto axes XLA never finds gathering a matrix
+    # cheaper than moving vectors (it did, for a (vocab, d) table sharded
+    # (tp, fsdp) whose vectors were stored over (fsdp, tp)).
+    (long,) = longs
+    own = [n for n in mesh.axis_names if n in long]
+    if length % math.prod(mesh.shape[n] for n in own) == 0:
+      axes, product = own, math.prod(mesh.shape[n] for n in own)
   for name, n in zip(mesh.axis_names, mesh.axis_sizes):
-    if name in shared and n > 1 and length % (product * n) == 0:
+    if (name in shared and name not in axes and n > 1
+        and length % (product * n) == 0):
       axes.append(name)
       product *= n
   if not axes:
