@@ -10,7 +10,7 @@ trains adamw2 with its ramp off (``ramp_steps=0``, the constant floor) and a
 50-step linear warmup multiplied into the steps of one part of the params
 only: the bounded matrices, the linear layers' biases, the norm scales and
 biases, the ViT's class token and position table, or everything the bound
-does not cover. The answer (README, "Small inits") is what ``ramp_steps``
+does not cover. The answer (docs/notes.md, "Small inits") is what ``ramp_steps``
 does by default. Writes benchmarks/results/warmup_parts.{md,json}.
 """
 

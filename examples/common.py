@@ -255,6 +255,46 @@ def bound_metrics(opt_state) -> dict[str, float]:
   return row
 
 
+def plot_bound(histories: dict, opt: OptimizerConfig, path: str,
+               warmup_steps: int = 50) -> None:
+  """What the bound did to adamw2's learning rate, per run (``{title:
+  history}`` of adamw2 runs): the applied factor (effective lr / the
+  schedule's) of each kind of matrix (:data:`GROUPS`) over training, beside
+  what a linear warmup of ``warmup_steps`` applies (its schedule over the
+  one without warmup), and the fraction of matrices it bounded."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, rows = plt.subplots(len(histories), 2,
+                           figsize=(12, 4.2 * len(histories)), squeeze=False)
+  warm = schedule(dataclasses.replace(opt, warmup_steps=warmup_steps))
+  cold = schedule(dataclasses.replace(opt, warmup_steps=0))
+  for axes, (title, history) in zip(rows, histories.items()):
+    steps = np.array([r['step'] for r in history])
+    factors = [group_factors(r) for r in history]
+    for group in GROUPS:
+      values = [f.get(group, np.nan) for f in factors]
+      if not np.all(np.isnan(values)):
+        axes[0].plot(steps, values, label=f'adamw2: {group} matrices')
+    axes[0].plot(steps, [float(warm(t) / cold(t)) for t in steps], 'k--',
+                 lw=1, label=f'linear warmup ({warmup_steps} steps)')
+    axes[0].set(title=f"{title}: effective learning rate / the schedule's\n"
+                '(mean over each kind of matrix)', xlabel='step',
+                yscale='log', ylim=(1e-3, 1.5))
+    axes[1].plot(steps, [r['bound_active'] for r in history],
+                 label='bounded on this step')
+    axes[1].plot(steps, [r['throttled'] for r in history],
+                 label='bounded on most of the last ~100 steps')
+    axes[1].set(title=f"{title}: fraction of adamw2's weight matrices",
+                xlabel='step', ylim=(-0.02, 1.02))
+    for ax in axes:
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
 # --- mesh and loop --------------------------------------------------------------
 
 def init_distributed():
@@ -459,6 +499,7 @@ def fit(model: nnx.Module, opt: OptimizerConfig, train_step: Callable,
                 'entropy_mean': float(entropy.mean()),
                 **{k: float(v) for k, v in extra.items()},
                 **bound_metrics(optimizer.opt_state)})
+    row.update({f'group_factor/{g}': v for g, v in group_factors(row).items()})
     history.append(row)
     bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
     if csv_file is not None:
@@ -480,7 +521,7 @@ def fit(model: nnx.Module, opt: OptimizerConfig, train_step: Callable,
   return history
 
 
-# The crash rule of the README's "Stability" section. A run crashed when some
+# The crash rule of docs/notes.md's "Stability" section. A run crashed when some
 # head's attention entropy (nats, averaged over queries) fell below
 # COLLAPSE_NATS in the second half of training (attention collapsed onto
 # single tokens), or its loss became non-finite, or the mean loss of its last
@@ -571,7 +612,7 @@ def describe_bound(last: dict) -> str:
           f"at the last step; {last['throttled']:.0%} of the matrices were "
           'bounded on most of their last ~100 steps' + (
               ' (it, not the learning rate, sets their pace: see README, '
-              '"Small inits and choosing tau")'
+              '"Choosing τ")'
               if last['throttled'] > 0.5 else ''))
 
 

@@ -4,8 +4,11 @@
 
 Trains the character-level GPT (examples/gpt.py, CPython's help text) and the
 ViT (examples/vit.py, scikit-learn's digits) at the same high learning rate,
-prints a table and saves one figure: the loss, the smallest attention entropy
-(the paper's crash signal) and how often the spectral bound was active.
+prints a table and saves two figures: the loss, the smallest attention
+entropy (the paper's crash signal) and how often the spectral bound was
+active (compare.png); and what the bound did to adamw2's learning rate, per
+kind of matrix, beside a linear warmup (bound.png). Attention collapse is a
+result here (the table's "crashed" column), not a warning.
 Metrics also go to CSV and TensorBoard under --out.
 """
 
@@ -86,7 +89,8 @@ def main():
       run = common.RunConfig(out_dir=os.path.join(
           args.out, task, cfg.name + ('_warmup' if cfg.warmup_steps else '')),
                              desc=f'{task}: {label}',
-                             log_every=args.log_every)
+                             log_every=args.log_every,
+                             warn_on_collapse=False)
       if task == 'gpt':
         model, history = gpt.train(cfg, gpt.PRESETS[args.preset], data,
                                    args.gpt_batch_size, run=run)
@@ -112,7 +116,12 @@ def main():
           f"{'yes' if bad else 'no':>9}{seconds:>6.0f}s")
   path = os.path.join(args.out, 'compare.png')
   plot(tasks, path)
-  print(f'\nfigure: {path}')
+  bound_path = os.path.join(args.out, 'bound.png')
+  common.plot_bound({task: results['adamw2, no warmup']
+                     for task, results in tasks.items()},
+                    runs['adamw2, no warmup'], bound_path, args.warmup_steps)
+  print(f'\nfigures: {path} (loss, entropy), {bound_path} (what the bound '
+        'did to the learning rate)')
 
 
 if __name__ == '__main__':

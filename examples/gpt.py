@@ -292,6 +292,10 @@ def main():
       print('bounded leaves:')
       common.print_bounded(model)
       print(common.describe_bound(history[-1]))
+      if run.out_dir:
+        path = os.path.join(run.out_dir, 'bound.png')
+        common.plot_bound({'gpt': history}, opt, path)
+        print(f'what the bound did to the learning rate: {path}')
     last = history[-1]
     cfg = dataclasses.replace(cfg, vocab_size=data.vocab_size)
     val = (f'{validation_loss(model, data, cfg.block_size):.3f}'

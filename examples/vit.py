@@ -212,6 +212,10 @@ def main():
       print('bounded leaves:')
       common.print_bounded(model)
       print(common.describe_bound(history[-1]))
+      if run.out_dir:
+        path = os.path.join(run.out_dir, 'bound.png')
+        common.plot_bound({'vit': history}, opt, path)
+        print(f'what the bound did to the learning rate: {path}')
     last = history[-1]
     print(f"step {last['step']}: loss {last['loss']:.3f}, test accuracy "
           f"{acc:.3f}, min attention entropy {last['entropy_min']:.3f}, "

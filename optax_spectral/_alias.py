@@ -57,7 +57,7 @@ def adamw2(
     mask: which leaves get weight decay, as in ``optax.adamw``.
     nesterov: use Nesterov momentum (NAdamW).
     tau: the largest allowed ``σ1(Δ) / σ1(W)`` per step. Start from the
-      default, 0.02 (README, "Choosing tau"), whatever the init and
+      default, 0.02 (README, "Choosing τ"), whatever the init and
       learning rate; lower it (0.01) if attention entropy
       still collapses; raise it only where the bound keeps shrinking most
       steps late in training at a learning rate AdamW with warmup handles

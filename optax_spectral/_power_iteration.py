@@ -220,7 +220,7 @@ def stacks_matrices(matrices: Sequence[jax.Array] = ()) -> bool:
   """Whether a group's plain 2-D matrices are stacked into one copy per step.
 
   Only on one accelerator: there each product is then one kernel per shape
-  instead of one per matrix, which the copies pay for (H200, README "Cost").
+  instead of one per matrix, which the copies pay for (H200, docs/notes.md "Cost").
   Under a mesh of several devices the copies would cost what they save
   nowhere else: a stacked operand takes one sharding for matrices sharded in
   different ways, so XLA all-gathers whole matrices into it (8B Llama shapes
@@ -243,7 +243,7 @@ def stack_group(matrices: Sequence[jax.Array],
   stacked into one ``(12, m, n)`` copy, each product is one batched kernel
   for the whole run rather than one kernel (and a slice and a copy of the
   vectors) per matrix. The copies cost bandwidth, and peak memory while the
-  step's products run (README, "Cost"). Leaves that are already batches of
+  step's products run (docs/notes.md, "Cost"). Leaves that are already batches of
   matrices (e.g. stacked by ``nnx.scan``) are used in place everywhere.
   ``stack`` overrides :func:`stacks_matrices`.
   """

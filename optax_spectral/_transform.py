@@ -18,7 +18,7 @@ from optax_spectral._power_iteration import compute_dtype
 from optax_spectral._power_iteration import iterate_groups
 from optax_spectral._power_iteration import orthonormalize
 
-# Chosen by the sweep in benchmarks/defaults (see README, "Defaults").
+# Chosen by the sweep in benchmarks/defaults (see docs/notes.md, "Defaults").
 DEFAULT_TAU = 0.02
 DEFAULT_NUM_ITERATIONS = 1
 # A cold start underestimates σ1 badly (−29% after one iteration on noise-like
@@ -33,7 +33,7 @@ DEFAULT_BLOCK_SIZE = 8
 # ``scale_by_spectral_bound``). It can only tighten the bound.
 DEFAULT_MAX_EXTRAPOLATION = 0.15
 # The σ1(W) used in the bound is at least this times the σ1 of a
-# variance-preserving random matrix of the same shape (README, "Small
+# variance-preserving random matrix of the same shape (docs/notes.md, "Small
 # inits"): a small-init matrix may then grow at the rate a standard-init one
 # may, instead of by 2% of its small self per step.
 DEFAULT_WEIGHT_FLOOR = 1.0

@@ -109,7 +109,7 @@ def bound_summary(opt_state: Any) -> dict[str, Any]:
     ``throttled_fraction``: fraction of matrices whose step was shrunk on
     more than half of the recent steps (about the last 100), i.e. where the
     bound, not the learning rate, sets the pace for long stretches (expected
-    early in training, when it replaces warmup; see README, "Small inits");
+    early in training, when it replaces warmup; see docs/notes.md, "Small inits");
     ``most_throttled_leaf`` and ``most_throttled``: the matrix bounded on
     the largest fraction of recent steps, and that fraction.
 
