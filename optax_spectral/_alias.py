@@ -146,9 +146,10 @@ def _check_learning_rate(learning_rate) -> None:
   except (TypeError, ValueError):  # (a ConcretizationTypeError is one)
     return  # traced (inject_hyperparams) or not a number: optax decides
   if value < 0 or value != value:
+    where = ' at step 0 of the schedule' if callable(learning_rate) else ''
     raise ValueError(
         f'learning_rate must be >= 0 (a negative one ascends the loss), got '
-        f'{value}{" at step 0 of the schedule" if callable(learning_rate) else ""}.')
+        f'{value}{where}.')
 
 
 def _check_like_init(updates, state) -> None:

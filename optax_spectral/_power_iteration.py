@@ -203,14 +203,14 @@ def _top_eigenvalue(s: jax.Array) -> jax.Array:
   return jnp.sum(p * s, axis=(-2, -1))
 
 
-def _gram(a: jax.Array, replicate: bool = False) -> jax.Array:
-  if replicate and _layout.explicit_mesh(a) is not None:
-    # Contracts a sharded axis: the output's layout must be named.
-    out = jax.sharding.NamedSharding(_layout.explicit_mesh(a),
-                                     jax.sharding.PartitionSpec())
-    return jnp.einsum('...ki,...li->...kl', a, a, precision=PRECISION,
-                      out_sharding=out)
-  return jnp.einsum('...ki,...li->...kl', a, a, precision=PRECISION)
+def _gram(a: jax.Array) -> jax.Array:
+  """``a aᵀ`` over the last axis, ``(…, k, k)``; replicated where ``a``'s
+  axes are Explicit (it contracts a sharded axis: an all-reduce of ``k × k``
+  numbers per matrix)."""
+  mesh = _layout.explicit_mesh(a)
+  out = {} if mesh is None else {'out_sharding': jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec())}
+  return jnp.einsum('...ki,...li->...kl', a, a, precision=PRECISION, **out)
 
 
 # --- one iteration on groups of same-shaped matrices. -----------------------
@@ -220,7 +220,8 @@ def stacks_matrices(matrices: Sequence[jax.Array] = ()) -> bool:
   """Whether a group's plain 2-D matrices are stacked into one copy per step.
 
   Only on one accelerator: there each product is then one kernel per shape
-  instead of one per matrix, which the copies pay for (H200, docs/notes.md "Cost").
+  instead of one per matrix, which the copies pay for (H200, docs/notes.md,
+  "Cost").
   Under a mesh of several devices the copies would cost what they save
   nowhere else: a stacked operand takes one sharding for matrices sharded in
   different ways, so XLA all-gathers whole matrices into it (8B Llama shapes
@@ -243,8 +244,9 @@ def stack_group(matrices: Sequence[jax.Array],
   stacked into one ``(12, m, n)`` copy, each product is one batched kernel
   for the whole run rather than one kernel (and a slice and a copy of the
   vectors) per matrix. The copies cost bandwidth, and peak memory while the
-  step's products run (docs/notes.md, "Cost"). Leaves that are already batches of
-  matrices (e.g. stacked by ``nnx.scan``) are used in place everywhere.
+  step's products run (docs/notes.md, "Cost"). Leaves that are already
+  batches of matrices (e.g. stacked by ``nnx.scan``) are used in place
+  everywhere.
   ``stack`` overrides :func:`stacks_matrices`.
   """
   if not (stacks_matrices(matrices) if stack is None else stack):
@@ -320,8 +322,7 @@ def _products(chunks: Sequence[jax.Array], block: jax.Array):
 def _chunk_grams(arrays: Sequence[jax.Array]) -> jax.Array:
   """``(B, k, k)`` Grams of a group's per-chunk ``batch_i + (k, len)``
   arrays, replicated (an all-reduce of ``k × k`` numbers per matrix)."""
-  grams = [replicated(_gram(a, replicate=True)).reshape(
-      (-1,) + a.shape[-2:-1] * 2) for a in arrays]
+  grams = [_gram(a).reshape((-1,) + a.shape[-2:-1] * 2) for a in arrays]
   return jnp.concatenate(grams) if len(grams) > 1 else grams[0]
 
 
@@ -385,7 +386,7 @@ def orthonormalize(blocks: Sequence[jax.Array]) -> list[jax.Array]:
   blocks = list(blocks)
   for _ in range(2 if blocks else 0):
     coeffs = _over_groups(lambda g: (_orthonormalizer(g),),
-                          [_gram(b, replicate=True) for b in blocks])
+                          [_gram(b) for b in blocks])
     blocks = [_mm(c, b) for (c,), b in zip(coeffs, blocks)]
   return blocks
 
