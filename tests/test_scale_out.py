@@ -26,6 +26,14 @@ pytestmark = pytest.mark.skipif(
     jax.device_count() < 8, reason='needs 8 devices: conftest sets XLA_FLAGS '
     'before jax is imported; run pytest from the repository root')
 
+# Scratch memory over adamw's, in per-device param bytes: the step Δ and
+# XLA:CPU's second copy of Adam's direction (2.05-2.06x measured at jaxlib
+# 0.10); XLA:CPU 0.8 keeps a third (3.03-3.06x at jaxlib 0.8.1, CI's floor;
+# a plain Adam step scaled by a function of its norm already costs it 2.0x
+# there, against 1.0x at 0.10).
+_TEMP_LIMIT = 2.15 if tuple(
+    int(v) for v in jax.__version_info__[:2]) >= (0, 10) else 3.15
+
 # Matrices much larger than their blocks of vectors (k = 8 rows of 256-1024).
 SHAPE = scale_out.SHAPES["test"]
 
@@ -59,7 +67,7 @@ def test_sharded_step_moves_vectors_not_matrices(monkeypatch, scan,
   # the learning rate's product into both the products and the apply; see
   # benchmarks/results/cpu-scale_out.md); never a stacked copy of the params.
   extra = (adamw2['temp'] - adamw['temp']) / param_bytes
-  assert extra < 2.15, extra
+  assert extra < _TEMP_LIMIT, extra
   # The vectors are stored sharded: the state is adamw's and a few percent
   # of one vector per matrix row.
   assert adamw2['state'] < 1.02 * adamw['state'], (adamw2['state'],
