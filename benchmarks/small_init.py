@@ -8,6 +8,10 @@
     python benchmarks/small_init.py --tasks vit --inits 'std 0.01' \
         --lrs 0.003 --steps 300 --seeds 0 1 2 3 4 5 6 7 --skip-ablations \
         --out benchmarks/results/small_init_vit_300steps  # ~20 minutes
+    python benchmarks/small_init.py --tasks gpt vit --inits lecun \
+        'std 0.01' --lrs 0.003 0.03 --seeds 0 1 --skip-ablations \
+        --variants bound=attention 'bound=attention,ramp_steps=0' \
+        --out benchmarks/results/bound_choice   # ~25 minutes: which matrices
     OUT=benchmarks/results bash benchmarks/small_init_gpu.sh  # one GPU, 8 min:
         # ~90 seeds of the std-0.01 ViT cells, nproc - 2 runs at once
 
