@@ -35,6 +35,8 @@ import time
 
 import numpy as np
 
+from optax_spectral import _matrices
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import stability  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -56,7 +58,7 @@ def settings(warmup):
 
 
 VARIANT_OPTIONS = ('tau', 'weight_floor', 'ramp_steps', 'bound')
-BOUND_CHOICES = ('all', 'attention')
+BOUND_CHOICES = _matrices.BOUND_CHOICES
 
 
 def variant(spec: str):

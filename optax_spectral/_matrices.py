@@ -237,8 +237,8 @@ def bound_rule(bound):
   if callable(bound):
     return lambda name, names: bool(bound(name))
   raise ValueError(
-      f"bound must be 'all', 'attention' or a callable from a param's name "
-      f"(e.g. 'blocks/0/attn/query/kernel') to bool, got {bound!r}.")
+      f'bound must be one of {BOUND_CHOICES} or a callable from a param\'s '
+      f"name (e.g. 'blocks/0/attn/query/kernel') to bool, got {bound!r}.")
 
 
 # The prefix of the reason given for matrices that ``bound`` leaves out:
