@@ -93,6 +93,9 @@ def test_the_default_bounds_attention_as_one_matrix(rng):
   model = nnx.MultiHeadAttention(num_heads=2, in_features=16, decode=False,
                                  rngs=nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
+  # One 16 x 16 matrix, not 16 matrices of 2 x 8 (one per input feature).
+  assert optax_spectral.bounded_leaves(params)['query/kernel'] == (
+      'bounded: 16x16 matrix')
   w = np.asarray(params['query']['kernel'][...])
   tau = 0.02
   tx = optax_spectral.adamw2(1.0, tau=tau)
