@@ -6,9 +6,8 @@ from typing import Any
 import jax
 
 from optax_spectral._matrices import SpectralDimensionNumbers
-from optax_spectral._nnx import _einsum_spec
 from optax_spectral._nnx import _NORMS
-from optax_spectral._nnx import _split
+from optax_spectral._nnx import layer_spec
 
 
 def _count(axes) -> int:
@@ -17,20 +16,24 @@ def _count(axes) -> int:
 
 
 def _spec(module, einsum_str, name: str, ndim: int):
-  """The spec of ``module``'s param ``name``; ``...`` if no rule covers it."""
+  """The spec of a linen ``module``'s param ``name``
+  (:func:`optax_spectral._nnx.layer_spec`)."""
   kind = type(module).__name__
-  if ndim < 2 or kind in _NORMS or name in ('bias', 'scale'):
-    return None
-  if (kind, name) in (('Dense', 'kernel'), ('Embed', 'embedding')):
-    return _split(ndim, 1, 1)
-  if (kind, name) == ('DenseGeneral', 'kernel'):
-    # (*batch_dims, *axis, *features): batch dims lead, as stacked layers do.
-    return _split(ndim, _count(module.axis), _count(module.features))
-  if kind in ('Conv', 'ConvTranspose') and name == 'kernel':
-    return _split(ndim, _count(module.kernel_size) + 1, 1)
-  if (kind, name) == ('Einsum', 'kernel'):
-    return _einsum_spec(einsum_str, ndim)
-  return ...
+  if kind in _NORMS:
+    return layer_spec('norm', name, ndim)
+  if kind == 'Dense':
+    return layer_spec('matrix', name, ndim)
+  if kind == 'DenseGeneral':
+    return layer_spec('matrix', name, ndim, (_count(module.axis),
+                                             _count(module.features)))
+  if kind in ('Conv', 'ConvTranspose'):
+    return layer_spec('matrix', name, ndim,
+                      (_count(module.kernel_size) + 1, 1))
+  if kind == 'Embed':
+    return layer_spec('embed', name, ndim)
+  if kind == 'Einsum':
+    return layer_spec('einsum', name, ndim, einsum_str=einsum_str)
+  return layer_spec(None, name, ndim)
 
 
 def linen_dimension_numbers(module: Any, *init_args: Any,

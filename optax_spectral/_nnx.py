@@ -50,25 +50,43 @@ def _einsum_spec(einsum_str: str, ndim: int):
       out if len(out) > 1 else out[0])
 
 
-def _spec(module, name: str, ndim: int):
-  """The spec of ``module``'s param ``name``; ``...`` if the module type is
-  unknown."""
-  kind = type(module).__name__
-  if ndim < 2 or kind in _NORMS or name in ('bias', 'scale'):
+def layer_spec(kind: str | None, name: str, ndim: int,
+               counts: tuple[int, int] = (1, 1), einsum_str=None):
+  """The spec of a layer's param ``name`` by the layer's kind, shared by the
+  NNX and linen readers: ``'matrix'`` (a ``(…, *in, *out)`` kernel, ``counts
+  = (len(in), len(out))``: Linear/Dense, LinearGeneral/DenseGeneral, Conv as
+  its patch-to-features map), ``'embed'``, ``'einsum'``, ``'norm'``, or None
+  (no rule). ``...`` where no rule covers the param."""
+  if ndim < 2 or kind == 'norm' or name in ('bias', 'scale'):
     return None
-  if kind == 'Linear' and name == 'kernel':
+  if kind == 'matrix' and name == 'kernel':
+    return _split(ndim, *counts)
+  if kind == 'embed' and name == 'embedding':
     return _split(ndim, 1, 1)
-  if kind == 'LinearGeneral' and name == 'kernel':
-    return _split(ndim, len(module.in_features), len(module.out_features))
-  if kind == 'Embed' and name == 'embedding':
-    return _split(ndim, 1, 1)
-  if kind in ('Conv', 'ConvTranspose') and name == 'kernel':
+  if kind == 'einsum' and name == 'kernel':
+    return _einsum_spec(einsum_str, ndim)
+  return ...
+
+
+def _spec(module, name: str, ndim: int):
+  """The spec of an NNX ``module``'s param ``name`` (:func:`layer_spec`)."""
+  kind = type(module).__name__
+  if kind in _NORMS:
+    return layer_spec('norm', name, ndim)
+  if kind == 'Linear':
+    return layer_spec('matrix', name, ndim)
+  if kind == 'LinearGeneral':
+    return layer_spec('matrix', name, ndim, (len(module.in_features),
+                                             len(module.out_features)))
+  if kind in ('Conv', 'ConvTranspose'):
     # (*window, in, out): the convolution as the linear map from a patch of
     # window·in inputs to the out features.
-    return _split(ndim, len(module.kernel_size) + 1, 1)
-  if kind == 'Einsum' and name == 'kernel':
-    return _einsum_spec(module.einsum_str, ndim)
-  return ...
+    return layer_spec('matrix', name, ndim, (len(module.kernel_size) + 1, 1))
+  if kind == 'Embed':
+    return layer_spec('embed', name, ndim)
+  if kind == 'Einsum':
+    return layer_spec('einsum', name, ndim, einsum_str=module.einsum_str)
+  return layer_spec(None, name, ndim)
 
 
 def nnx_dimension_numbers(model: Any, unknown: str = 'default') -> Any:
