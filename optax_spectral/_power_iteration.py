@@ -304,11 +304,13 @@ def _products(chunks: Sequence[jax.Array], block: jax.Array):
     batch = mat.shape[:-2]
     size = math.prod(batch)
     x = block[start:start + size] if len(chunks) > 1 else block
-    x = x.reshape(batch + block.shape[1:])
+    # Laid out once along the side it multiplies (a no-op unless Explicit).
+    x = _layout.along(x.reshape(batch + block.shape[1:]), mat,
+                      -2 if tall else -1)
     start += size
     y = _product(x, mat, contract_rows=tall, acc=block.dtype)
     ay = _product(y, mat, contract_rows=not tall, acc=block.dtype)
-    out.append(_Products(_layout.along(x, mat, -2 if tall else -1), y, ay))
+    out.append(_Products(x, y, ay))
   if len(out) > 1 and _layout.matrix_spec(chunks[0]) is None:
     # Unless Explicit axes pin each chunk's layout, the group's vectors are
     # concatenated: its k × k work and next block are then one kernel each
