@@ -5,6 +5,7 @@ from typing import Any, Callable
 import jax
 import optax
 
+from optax_spectral import _layout
 from optax_spectral import _matrices
 from optax_spectral import _transform
 
@@ -46,8 +47,10 @@ def adamw2(
   step. Swap it for ``optax.adamw`` and drop the warmup.
 
   Args:
-    learning_rate: a float or an optax schedule, >= 0 (a negative one, which
-      ``optax.adamw`` would take as gradient ascent, is a ``ValueError``).
+    learning_rate: a float or an optax schedule, >= 0 (a negative float,
+      which ``optax.adamw`` would take as gradient ascent, is a
+      ``ValueError``; a schedule is only ever called inside ``update``, with
+      a traced count, as optax calls it).
     b1: decay rate of the first moment.
     b2: decay rate of the second moment.
     eps: added to the denominator outside the square root.
@@ -130,6 +133,10 @@ def adamw2(
   )
 
   def update_fn(updates, state, params=None, **extra_args):
+    if params is not None:  # (inside shard_map, shards differ from init's)
+      _layout.check_whole_matrices({
+          n: x for n, x in _matrices.named_leaves(params).items()
+          if getattr(x, 'ndim', 0) >= 2})
     _check_like_init(updates, state)
     return tx.update(updates, state, params, **extra_args)
 
@@ -138,18 +145,21 @@ def adamw2(
 
 def _check_learning_rate(learning_rate) -> None:
   """A negative learning rate makes AdamW ascend the loss; optax.adamw takes
-  it silently, adamw2 refuses it (a float, or a schedule's value at step 0)
-  where it is known at construction."""
+  it silently, adamw2 refuses a constant one. A schedule is never called
+  here: optax calls it only inside ``update``, with a traced int32 count, and
+  schedules written in plain Python arithmetic (Flax's examples' rsqrt
+  branch, ``(count + shift) ** -0.5``, at a negative count) raise when
+  called with a Python int outside their range."""
+  if callable(learning_rate):
+    return
   try:
-    value = learning_rate(0) if callable(learning_rate) else learning_rate
-    value = float(value)
+    value = float(learning_rate)
   except (TypeError, ValueError):  # (a ConcretizationTypeError is one)
     return  # traced (inject_hyperparams) or not a number: optax decides
   if value < 0 or value != value:
-    where = ' at step 0 of the schedule' if callable(learning_rate) else ''
     raise ValueError(
         f'learning_rate must be >= 0 (a negative one ascends the loss), got '
-        f'{value}{where}.')
+        f'{value}.')
 
 
 def _check_like_init(updates, state) -> None:

@@ -36,9 +36,19 @@ def explicit_mesh(x):
 
 
 def context_mesh():
-  """The mesh set by ``jax.set_mesh``, or None."""
+  """The mesh set by ``jax.set_mesh``, else by the legacy ``with mesh:``
+  (MaxText's and t5x's idiom), or None."""
   mesh = jax.sharding.get_abstract_mesh()
-  return None if mesh.empty else mesh
+  if not mesh.empty:
+    return mesh
+  # ``with mesh:`` sets only this thread-local, which jax has no public
+  # reader for; a jax without it simply gives None (the safe answer).
+  try:
+    from jax._src import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+    legacy = mesh_lib.thread_resources.env.physical_mesh
+  except (ImportError, AttributeError):
+    return None
+  return None if legacy.empty else legacy
 
 
 def mesh_of(leaves: Iterable) -> jax.sharding.Mesh | None:
@@ -58,6 +68,50 @@ def mesh_of(leaves: Iterable) -> jax.sharding.Mesh | None:
       return sharding.mesh
     explicit = explicit or explicit_mesh(x)
   return context_mesh() or explicit
+
+
+def _varying(x):
+  """The ``shard_map`` axes along which ``x`` differs between devices (its
+  type's varying manual axes), or None where jax does not say."""
+  t = jax.typeof(x)
+  vma = getattr(t, 'vma', None)  # jax < 0.10
+  if vma is None:
+    vma = getattr(getattr(t, 'manual_axis_type', None), 'varying', None)
+  return None if vma is None else frozenset(vma)
+
+
+def check_whole_matrices(named_leaves: dict) -> None:
+  """Raises a ValueError where ``update`` runs inside ``jax.shard_map`` on
+  params that are per-device shards: σ1 of a shard is not σ1 of the matrix,
+  and the bound would silently be the wrong one. Replicated params (data
+  parallelism inside ``shard_map``) are whole matrices and pass."""
+  mesh = jax.sharding.get_abstract_mesh()
+  manual = [] if mesh.empty else [
+      n for n, t in zip(mesh.axis_names, mesh.axis_types)
+      if t == AxisType.Manual]
+  if not manual:
+    return
+  how = ('Run the optimizer update outside shard_map (jax.jit with sharded '
+         'params: each device then multiplies its own shards and only '
+         'vectors travel), or pass the params to shard_map replicated '
+         '(in_specs P()).')
+  probe = _varying(jax.lax.axis_index(manual[0]))
+  if not probe:
+    raise ValueError(
+        'scale_by_spectral_bound.update runs inside shard_map with '
+        'check_vma=False, where it cannot tell whole matrices from per-device '
+        'shards (σ1 of a shard is not σ1 of the matrix). Use check_vma=True '
+        'with replicated params, or: ' + how)
+  sharded = [name for name, x in named_leaves.items()
+             if _varying(x)]
+  if sharded:
+    raise ValueError(
+        'scale_by_spectral_bound.update runs inside shard_map on params that '
+        'differ between devices along manual axes '
+        f'{sorted(set().union(*[_varying(named_leaves[n]) for n in sharded]))}'
+        f' ({", ".join(sharded[:3])}{", ..." if len(sharded) > 3 else ""}): '
+        'each device would bound its shard by the shard\'s own σ1, not the '
+        'matrix\'s. ' + how)
 
 
 def size(mesh) -> int:

@@ -316,16 +316,17 @@ def _estimate(settings: _Settings, plan, views, state, param_leaves,
               update_leaves) -> _Estimates:
   """The batched estimate: one call for every matrix, W and Δ alike, so
   that the k×k work of each iteration is batched over all groups."""
-  count = state.count
   steady = [settings.num_iterations_weight] * len(plan) + [
       settings.num_iterations] * len(plan)
   if not settings.unrolled:
-    first = {}  # one traced count per distinct value (see iterate_groups)
-    steady = [first.setdefault(n, jnp.where(count == 0,
-                                            settings.num_iterations_first, n))
-              if isinstance(n, int) else
-              jnp.where(count == 0, settings.num_iterations_first, n)
-              for n in steady]
+    # The cold start: a group whose last estimate is 0 (the first step, or
+    # after a zero step: a warmup from lr 0, as Flax's examples start, a
+    # zero-initialised matrix) has unconverged vectors; it runs
+    # num_iterations_first, the others their steady count, in one loop.
+    cold = [jnp.any(state.groups[g.key].stats[:, 0] == 0) for g in plan] + [
+        jnp.any(state.groups[g.key].stats[:, 1] == 0) for g in plan]
+    steady = [jnp.where(c, settings.num_iterations_first, n)
+              for c, n in zip(cold, steady)]
   matrices = lambda leaves, g: [views[n].to_matrices(leaves[n])
                                 for n in g.names]
   states = [state.groups[g.key] for g in plan]
@@ -382,7 +383,9 @@ def _bound(settings: _Settings, plan, state, estimates: _Estimates):
     ratio = jnp.clip(jnp.nan_to_num(ratio, nan=1.0), 1, 1 + extrapolation)
     sigma_d = d.sigma * ratio
     if settings.unrolled:
-      sigma_d = jnp.where(count == 0, _power_iteration.frobenius_norms(
+      # A cold block on Δ (no earlier nonzero step: see _estimate) is
+      # bounded with ‖Δ‖_F >= σ1(Δ).
+      sigma_d = jnp.where(s.stats[:, 1] == 0, _power_iteration.frobenius_norms(
           chunks, compute_dtype(g.dtype)), sigma_d)
     sigma_d = sigma_d * jnp.asarray(lr_scale, jnp.float32)
     sigma_w = w.sigma
@@ -595,11 +598,12 @@ def scale_by_spectral_bound(
     views, plain = views_of(params)
     plan = _plan(views)
     _check_state(plan, state)
+    param_leaves = _matrices.named_leaves(params)
+    _layout.check_whole_matrices({n: param_leaves[n] for n in views})
     update_leaves = _matrices.named_leaves(updates)
     groups, factors, ramp = _bound(
         settings, plan, state, _estimate(
-            settings, plan, views, state, _matrices.named_leaves(params),
-            update_leaves))
+            settings, plan, views, state, param_leaves, update_leaves))
     return _apply(updates, views, factors, ramp, plain), ScaleBySpectralBoundState(
         count=optax.safe_increment(state.count),
         groups={key: groups[key] for key in state.groups})
