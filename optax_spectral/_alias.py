@@ -92,10 +92,9 @@ def adamw2(
       name) or a callable from a param's name to bool; see
       :func:`scale_by_spectral_bound`.
     stack_matrices: whether each step stacks same-shaped 2-D matrices into
-      one copy (``None``: only on one accelerator with no mesh of several
-      devices; ``False`` saves about a param-sized buffer of scratch memory
-      there;
-      see :func:`scale_by_spectral_bound`).
+      one copy (``None``: only on an accelerator where the program has one
+      device; ``False`` saves about a param-sized buffer of scratch memory
+      there; see :func:`scale_by_spectral_bound`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires params.

@@ -29,6 +29,13 @@ DEFAULT_NUM_ITERATIONS_FIRST = 20
 # cost about 1.3x one column on CPU, and cut the worst underestimate on
 # noise-like steps roughly in half.
 DEFAULT_BLOCK_SIZE = 8
+# Vectors in σ1(W)'s block. Two, not one: a product with one vector is a
+# matrix-vector product, which XLA:CPU has no bf16 kernel for (it converts
+# the whole matrix to f32 first: 2x the bf16 param bytes of scratch; two or
+# more vectors multiply bf16 in place); memory-bound on accelerators, so
+# the second costs nothing there, and a block of two converges faster when
+# σ1 and σ2 are close.
+WEIGHT_BLOCK_SIZE = 2
 # Largest correction applied by extrapolating the last iteration (see
 # ``scale_by_spectral_bound``). It can only tighten the bound.
 DEFAULT_MAX_EXTRAPOLATION = 0.15
@@ -62,7 +69,8 @@ class SpectralGroupState:
   row per matrix. Vectors are rows, on each matrix's longer side ``L``.
 
   Attributes:
-    weight: σ1(W)'s singular vector, ``(matrices, 1, L)``, params' dtype.
+    weight: σ1(W)'s block of singular vectors, ``(matrices, 2, L)`` (one
+      row for a matrix with a side of 1), params' dtype.
     update: the step's block, ``(matrices, block_size, L)``, params' dtype.
     stats: float32 ``(matrices, 4)``: the last step's σ1(W), σ1(Δ) before
       the bound, applied factor and fraction of recent steps bounded
@@ -165,7 +173,8 @@ def _initial_blocks(seed, shapes: tuple[tuple[int, int, int], ...],
   """Random orthonormal starting rows, ``(weight, update)`` per group of
   ``(batch, k, long)``. One compiled function for all groups: ``init``
   often runs eagerly, where each operation of each shape would compile."""
-  sizes = [(b, j, long) for b, k, long in shapes for j in (1, k)]
+  sizes = [(b, j, long) for b, k, long in shapes
+           for j in (min(WEIGHT_BLOCK_SIZE, k), k)]
   # One draw for all blocks: each random draw compiles its own generator.
   counts = [math.prod(s) for s in sizes]
   flat = jax.random.normal(jax.random.key(seed), (sum(counts),), jnp.float32)
@@ -460,7 +469,7 @@ def scale_by_spectral_bound(
 
   σ1 is estimated by warm-started power iteration (:func:`power_iteration`)
   on every matrix at once, batched by shape: one iteration per step on
-  ``W`` (one vector) and on ``Δ`` (a block of ``block_size`` vectors), in
+  ``W`` (a block of two vectors) and on ``Δ`` (of ``block_size``), in
   float32 at least, with no solver call. σ1(W) in the bound is at least
   ``weight_floor`` times σ1 of a variance-preserving random matrix of its
   shape, ``1 + sqrt(cols / rows)``, so that small-init matrices are not
@@ -515,11 +524,12 @@ def scale_by_spectral_bound(
       matrices into one stack, so that each product is one kernel per shape
       (faster on one GPU; about one more param-sized buffer of scratch
       memory). ``None``
-      (default): only on one GPU or TPU, with no mesh of several devices
-      (under a mesh, stacks would gather matrices across devices). ``False``
-      saves that memory on one accelerator; ``True`` stacks also where the
-      params are sharded by ``jit`` alone, with no ``jax.set_mesh`` (then
-      only if they are replicated).
+      (default): only on a GPU or TPU where the program has one device, or
+      a known mesh of one (with several devices, stacks would gather
+      matrices across them, and under ``jit``'s ``in_shardings`` alone no
+      mesh is visible: there nothing is stacked). ``False`` saves that
+      memory on one accelerator; ``True`` stacks also on several devices
+      (right only if the params are replicated).
     seed: seed of the initial power-iteration vectors.
 
   Returns:

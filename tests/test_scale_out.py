@@ -120,6 +120,8 @@ def test_stack_matrices_false_trades_kernels_for_memory(monkeypatch):
     out[stack] = compiled([jnp.copy(p) for p in params], state, grads)
   for a, b in zip(out[True], out[False]):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-  # The stacked copies: about one more param-sized buffer (measured 3.0x
-  # against 2.0x the params in scratch memory on XLA:CPU).
-  assert temp[True] - temp[False] >= 0.8 * 4 * 256 * 192 * 4, temp
+  # In place never needs more scratch than the stacked copies. (XLA:CPU
+  # 0.10 kept one more param-sized buffer for them while σ1(W) was iterated
+  # with one vector, a matrix-vector product: 3.0x against 2.0x the params;
+  # with two vectors it reads the stack's operands in place.)
+  assert temp[False] <= temp[True], temp
