@@ -2,6 +2,8 @@
 
     python benchmarks/scale_out.py            # ~10 minutes on 2 CPU cores
     python benchmarks/scale_out.py --quick    # a few configs (CI's test)
+    python benchmarks/scale_out.py --idioms   # set_mesh / shardings alone /
+                                              # with mesh:, f32 and bf16
 
 Builds Llama-like param trees as abstract arrays (``jax.ShapeDtypeStruct``
 with a ``NamedSharding``: nothing is allocated) at 1B, 8B and 70B shapes, as
@@ -231,7 +233,34 @@ def abstract_state(tx, params, mesh):
       x.shape, x.dtype, sharding=NamedSharding(mesh, spec(x))), state)
 
 
-def compile_update(tx, params, mesh):
+# How a training program tells jit where its arrays live: ``jax.set_mesh``
+# around the jit (jax's current idiom); the args' own shardings alone, as
+# ``in_shardings`` give them (the pjit idiom: under jit no mesh is visible on
+# Auto axes); the legacy ``with mesh:`` context (MaxText, t5x).
+IDIOMS = ('set_mesh', 'shardings', 'with mesh')
+
+
+def mesh_context(idiom: str, mesh):
+  """The context a program of ``idiom`` compiles its step in."""
+  if idiom == 'set_mesh':
+    return jax.set_mesh(mesh)
+  if idiom == 'with mesh':
+    import warnings  # pylint: disable=g-import-not-at-top
+    class Legacy:  # ``with mesh:``, whose deprecation warning is not ours
+      def __enter__(self):
+        with warnings.catch_warnings():
+          warnings.simplefilter('ignore', DeprecationWarning)
+          mesh.__enter__()
+      def __exit__(self, *exc):
+        return mesh.__exit__(*exc)
+    return Legacy()
+  if idiom == 'shardings':
+    import contextlib  # pylint: disable=g-import-not-at-top
+    return contextlib.nullcontext()
+  raise ValueError(f'idiom must be one of {IDIOMS}, got {idiom!r}')
+
+
+def compile_update(tx, params, mesh, idiom='set_mesh'):
   """Compiles update + apply on abstract args; returns its measurements."""
   state = abstract_state(tx, params, mesh)
 
@@ -239,10 +268,14 @@ def compile_update(tx, params, mesh):
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s
 
+  shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
   start = time.perf_counter()
-  with jax.set_mesh(mesh):
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-        params, state, params).compile()
+  with mesh_context(idiom, mesh):
+    compiled = jax.jit(
+        step, donate_argnums=(0, 1),
+        in_shardings=shardings((params, state, params)),
+        out_shardings=shardings((params, state))).lower(
+            params, state, params).compile()
   seconds = time.perf_counter() - start
   mem = compiled.memory_analysis()
   coll = collectives(compiled.as_text(), vector_bytes(params))
@@ -268,18 +301,20 @@ def summarize(coll: list[dict]) -> dict:
   return kinds
 
 
-def run_config(size, scan, devices, tp, axis_type, structure, which):
+def run_config(size, scan, devices, tp, axis_type, structure, which,
+               idiom='set_mesh', dtype='float32'):
   mesh = make_mesh(devices, tp, getattr(AxisType, axis_type))
-  params = llama_params(SHAPES[size], mesh, scan=scan)
+  params = llama_params(SHAPES[size], mesh, scan=scan, dtype=jnp.dtype(dtype))
   _power_iteration.launches_are_cheap = lambda: structure == 'cpu'
   out = {'what': 'update + apply', 'size': size,
          'layers': 'scan' if scan else 'list', 'devices': devices,
          'mesh': f'fsdp {devices // tp} x tp {tp}' if tp > 1 else
                  f'fsdp {devices}', 'axes': axis_type,
-         'structure': structure, 'param_bytes': shard_bytes(params)}
+         'structure': structure, 'idiom': idiom, 'dtype': dtype,
+         'param_bytes': shard_bytes(params)}
   for name, tx in optimizers(which).items():
     try:
-      out[name] = compile_update(tx, params, mesh)
+      out[name] = compile_update(tx, params, mesh, idiom)
     except Exception as e:  # pylint: disable=broad-except
       out[name] = {'error': f'{type(e).__name__}: {str(e)[:300]}'}
   return out
@@ -344,6 +379,80 @@ def compile_train_step(cfg, batch, devices, name, structure):
       'matrix_count': sum(c['matrix'] for c in coll),
       'matrix_moves': [f"{c['kind']} {c['shapes']}" for c in coll
                        if c['matrix']][:5]}
+
+
+# --- a whole training step of a Llama-like model, with remat -----------------
+
+def _rms(x):
+  return x * jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), -1,
+                                    keepdims=True) + 1e-6).astype(x.dtype)
+
+
+def llama_loss(params, tokens, shape: Shape, head_dim: int = 128):
+  """Next-token loss of the tree of :func:`llama_params`: grouped-query
+  attention, SwiGLU, every layer rematerialised (``jax.checkpoint``), as
+  large models are trained. No activation annotations: the program's
+  shardings come from its params' and tokens' alone."""
+  def layer(x, p):
+    b, t, d = x.shape
+    h = _rms(x) * p['attn_norm']
+    q = (h @ p['wq']).reshape(b, t, -1, head_dim)
+    k = (h @ p['wk']).reshape(b, t, -1, head_dim)
+    v = (h @ p['wv']).reshape(b, t, -1, head_dim)
+    attn = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    x = x + attn.reshape(b, t, d) @ p['wo']
+    h = _rms(x) * p['mlp_norm']
+    return x + (jax.nn.silu(h @ p['w1']) * (h @ p['w3'])) @ p['w2']
+
+  layer = jax.checkpoint(layer)
+  x = params['embed'][tokens[:, :-1]]
+  if isinstance(params['layers'], dict):
+    x, _ = jax.lax.scan(lambda x, p: (layer(x, p), None), x,
+                        params['layers'])
+  else:
+    for p in params['layers']:
+      x = layer(x, p)
+  logits = (_rms(x) * params['norm']) @ params['head']
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), tokens[:, 1:]).mean()
+
+
+def compile_llama_step(size, scan, devices, tp, idiom, dtype, name,
+                       seq=2048):
+  """Forward, backward, update and apply of the Llama-like model, one
+  sequence per device (batch over fsdp), params and state donated: peak
+  memory and collectives, per device."""
+  _power_iteration.launches_are_cheap = lambda: False
+  shape = SHAPES[size]
+  mesh = make_mesh(devices, tp, AxisType.Auto)
+  params = llama_params(shape, mesh, scan=scan, dtype=jnp.dtype(dtype))
+  (tx,) = optimizers((name,)).values()
+  state = abstract_state(tx, params, mesh)
+  tokens = jax.ShapeDtypeStruct(
+      (devices // tp, seq + 1), jnp.int32,
+      sharding=NamedSharding(mesh, P('fsdp', None)))
+
+  def step(p, s, x):
+    loss, g = jax.value_and_grad(llama_loss)(p, x, shape)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s, loss
+
+  shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+  start = time.perf_counter()
+  with mesh_context(idiom, mesh):
+    compiled = jax.jit(
+        step, donate_argnums=(0, 1),
+        in_shardings=shardings((params, state, tokens)),
+        out_shardings=shardings((params, state)) + (
+            NamedSharding(mesh, P()),)).lower(params, state, tokens).compile()
+  seconds = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  coll = collectives(compiled.as_text(), vector_bytes(params))
+  return {'compile_s': seconds, 'temp': int(mem.temp_size_in_bytes),
+          'peak': int(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                      + mem.temp_size_in_bytes - mem.alias_size_in_bytes),
+          'param_bytes': shard_bytes(params),
+          'collectives': summarize(coll)}
 
 
 # --- the study ----------------------------------------------------------------
@@ -451,15 +560,150 @@ def to_markdown(result: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
+# --- the idioms: how programs tell jit where their arrays live ---------------
+
+def idiom_configs(quick: bool):
+  """(size, scan, devices, tp, dtype) of the issue-30 table, each compiled
+  in every idiom of :data:`IDIOMS`: the 8B list of layers on fsdp 4 x tp 4
+  and fsdp 16, and on fsdp 2 x tp 8 in bf16 and f32; the 8B scan."""
+  if quick:
+    return [('test', False, 8, 2, 'float32'), ('test', False, 8, 2,
+                                               'bfloat16')]
+  return [('8B', False, 16, 4, 'float32'), ('8B', False, 16, 1, 'float32'),
+          ('8B', False, 16, 8, 'bfloat16'), ('8B', False, 16, 8, 'float32'),
+          ('8B', True, 16, 4, 'float32'), ('8B', True, 16, 4, 'bfloat16')]
+
+
+def bf16_dot_copy(shape=(4096, 4096)) -> float:
+  """Temp memory of one ``bf16 (1, m) x bf16 (m, n) -> f32`` product on this
+  backend, as a multiple of the matrix's bytes. XLA:CPU has no bf16
+  matrix-vector product and converts the matrix to f32 first (2.0: an f32
+  copy), though it multiplies bf16 blocks of 8 vectors in place (0); GPUs
+  and TPUs multiply bf16 in place. adamw2 multiplies each W by one vector."""
+  mat = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  vec = jax.ShapeDtypeStruct((1, shape[0]), jnp.bfloat16)
+  compiled = jax.jit(lambda v, m: jnp.einsum(
+      'km,mn->kn', v, m, preferred_element_type=jnp.float32)).lower(
+          vec, mat).compile()
+  return compiled.memory_analysis().temp_size_in_bytes / (
+      np.prod(shape) * 2)
+
+
+def idioms_markdown(result: dict) -> str:
+  lines = [
+      '# Sharded at scale in the idioms programs use '
+      '(`benchmarks/scale_out.py --idioms`)', '',
+      f"Simulated CPU devices; jax {result['jax']}, optax "
+      f"{result['optax']}; the structure GPUs and TPUs compile. Each program "
+      'compiled as it would be written: inside `jax.set_mesh`; with its '
+      "arrays' shardings alone (`in_shardings`, no mesh context: the pjit "
+      'idiom); inside the legacy `with mesh:`. *temp*: scratch memory of '
+      "update + apply over adamw's, as a multiple of the per-device param "
+      "bytes, params and state donated; *network*: adamw2's collectives as a "
+      'share of the per-device param bytes (adamw has none).', '',
+      f"On this backend one bf16 matrix-vector product `(1, m) x (m, n) -> "
+      f"f32` alone costs {result['bf16_dot_copy']:.2f}x its matrix's bytes of "
+      'scratch: XLA:CPU has no bf16 matrix-vector product and converts the '
+      "matrix to f32 first (it multiplies bf16 blocks of 8 vectors in place). "
+      'adamw2 multiplies each W by one vector, in bf16, accumulating in f32 '
+      '(`preferred_element_type`; `tests/test_idioms.py` checks the program); '
+      "the bf16 rows' parenthesis subtracts that one conversion per matrix: "
+      'what a backend with bf16 matrix-vector products keeps.', '',
+      '## Update + apply', '',
+      '| size | layers | mesh | dtype | idiom | temp | network | moves a '
+      'matrix | compile s (adamw2 / adamw) |', '|---|---|---|---|---|---|---|---|---|']
+  for r in result['idioms']:
+    a, b = r['adamw'], r['adamw2']
+    if 'error' in a or 'error' in b:
+      lines.append(f"| {r['size']} | {r['layers']} | {r['mesh']} | "
+                   f"{r['dtype']} | {r['idiom']} | "
+                   f"{b.get('error', a.get('error'))} ||||")
+      continue
+    temp = ratio(b['temp'] - a['temp'], r['param_bytes'])
+    note = (f" ({temp - result['bf16_dot_copy']:.3f}× less XLA:CPU's f32 "
+            'copy of W)' if r['dtype'] == 'bfloat16' else '')
+    lines.append(
+        f"| {r['size']} | {r['layers']} | {r['mesh']} | {r['dtype']} | "
+        f"{r['idiom']} | {temp:.3f}×{note} | "
+        f"{100 * ratio(_total(b['collectives']), r['param_bytes']):.2f}% | "
+        f"{'**yes**' if b['matrix_moves'] else 'no'} | "
+        f"{b['compile_s']:.1f} / {a['compile_s']:.1f} |")
+  if result.get('llama_step'):
+    lines += ['', '## Whole training step with remat (Llama-like, one '
+              f"sequence of {result['seq']} tokens per fsdp rank; params and "
+              'state donated; peak: arguments + outputs + temp - donated)', '',
+              '| size | layers | mesh | dtype | idiom | peak adamw2 / adamw '
+              '| collectives adamw2 / adamw | compile s (adamw2 / adamw) |',
+              '|---|---|---|---|---|---|---|---|']
+    for r in result['llama_step']:
+      a, b = r['adamw'], r['adamw2']
+      lines.append(
+          f"| {r['size']} | {r['layers']} | {r['mesh']} | {r['dtype']} | "
+          f"{r['idiom']} | {ratio(b['peak'], a['peak']):.4f} "
+          f"({b['peak'] / 2**30:.2f} / {a['peak'] / 2**30:.2f} GiB) | "
+          f"{_total(b['collectives']) / 2**30:.2f} / "
+          f"{_total(a['collectives']) / 2**30:.2f} GiB | "
+          f"{b['compile_s']:.0f} / {a['compile_s']:.0f} |")
+  return '\n'.join(lines) + '\n'
+
+
+def run_idioms(args, tqdm):
+  name = 'cpu-scale_out-idioms' + ('-quick' if args.quick else '')
+  result = {'jax': jax.__version__, 'optax': optax.__version__,
+            'devices_note': f'{jax.device_count()} simulated CPU devices',
+            'bf16_dot_copy': bf16_dot_copy(), 'idioms': [], 'llama_step': [],
+            'seq': 256 if args.quick else 2048}
+
+  def save():
+    with open(os.path.join(args.out, name + '.json'), 'w') as f:
+      json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, name + '.md'), 'w') as f:
+      f.write(idioms_markdown(result))
+
+  configs = [(c, idiom) for c in idiom_configs(args.quick)
+             for idiom in IDIOMS]
+  for (size, scan, devices, tp, dtype), idiom in tqdm(
+      configs, desc='update + apply, per idiom'):
+    result['idioms'].append(run_config(
+        size, scan, devices, tp, 'Auto', 'accelerators', ('adamw', 'adamw2'),
+        idiom, dtype))
+    save()
+  steps = [('test' if args.quick else '8B', scan, 8 if args.quick else 16,
+            2 if args.quick else 4, idiom, dtype)
+           for scan in ((False,) if args.quick else (True, False))
+           for dtype in ('float32', 'bfloat16') for idiom in IDIOMS]
+  for size, scan, devices, tp, idiom, dtype in tqdm(
+      steps, desc='training step, per idiom'):
+    row = {'size': size, 'layers': 'scan' if scan else 'list',
+           'mesh': f'fsdp {devices // tp} x tp {tp}', 'idiom': idiom,
+           'dtype': dtype}
+    for n in ('adamw', 'adamw2'):
+      row[n] = compile_llama_step(size, scan, devices, tp, idiom, dtype, n,
+                                  seq=result['seq'])
+    result['llama_step'].append(row)
+    save()
+  print(idioms_markdown(result))
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--quick', action='store_true',
                       help='a small tree on 8 devices (seconds)')
+  parser.add_argument('--idioms', action='store_true',
+                      help='only the idioms study: set_mesh, shardings '
+                      'alone and `with mesh:`, f32 and bf16, update + apply '
+                      'and a whole training step with remat (~20 minutes; '
+                      'cpu-scale_out-idioms.md)')
   parser.add_argument('--out', default=os.path.join(HERE, 'results'))
   args = parser.parse_args(argv)
-  if jax.device_count() < (8 if args.quick else 64):
+  if jax.device_count() < (8 if args.quick else 16 if args.idioms else 64):
     parser.error(f'needs {8 if args.quick else 64} devices; run it as a '
                  'script (it sets XLA_FLAGS before importing jax)')
+  os.makedirs(args.out, exist_ok=True)
+  if args.idioms:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    run_idioms(args, tqdm)
+    return
   name = 'cpu-scale_out' + ('-quick' if args.quick else '')
   result = {'jax': jax.__version__, 'optax': optax.__version__,
             'devices_note': f'{jax.device_count()} simulated CPU devices',

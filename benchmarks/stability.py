@@ -65,7 +65,30 @@ def run_one(task, name, warmup, tau, lr, seed, steps, preset, data,
           'seed': seed, 'score': score,
           'min_entropy': float(min(r['entropy_min'] for r in late)),
           'crashed': crashed(history),
-          'bound_active_thirds': [float(np.mean(t)) for t in thirds]}
+          'bound_active_thirds': [float(np.mean(t)) for t in thirds],
+          'held_back': held_back(history)}
+
+
+# A kind of matrix is released once its mean factor stays at or above this.
+RELEASED = 0.9
+
+
+def held_back(history: list[dict]) -> dict[str, dict[str, float]]:
+  """The self-timed warmup of each kind of matrix (common.GROUPS): the step
+  from which its mean applied factor stays >= :data:`RELEASED`
+  (``released``), and the steps' worth of learning rate it held back,
+  ``Σ_t (1 - factor_t)`` (``area``; a linear warmup of ``L`` steps holds
+  back ``L / 2``). Empty for plain adamw."""
+  out = {}
+  for group in common.GROUPS:
+    factors = [r.get(f'group_factor/{group}') for r in history]
+    if any(f is None for f in factors):
+      continue
+    steps = [r['step'] for r in history]
+    below = [s for s, f in zip(steps, factors) if f < RELEASED]
+    out[group] = {'released': float(below[-1] + 1 if below else steps[0]),
+                  'area': float(np.sum(1 - np.asarray(factors)))}
+  return out
 
 
 def plot(runs, tasks, lrs, rows, path):

@@ -284,3 +284,89 @@ def test_profile_summary_by_hand():
   assert s['kernels'][0] == {'name': 'gemm_fusion_dot', 'count': 1.0,
                              'us': 10.0}
   assert profile_update.summarize([], steps=1) == {}
+
+
+def test_held_back_measures_the_self_timed_warmup():
+  """Per kind of matrix: the step from which the mean factor stays >= 0.9,
+  and Σ (1 - factor) (worked out by hand)."""
+  factors = [0.2, 0.5, 0.95, 0.8, 1.0, 1.0]
+  history = [{'step': t, 'group_factor/attention': f,
+              'group_factor/MLP': 1.0} for t, f in enumerate(factors)]
+  held = stability.held_back(history)
+  assert held['attention'] == {'released': 4.0, 'area': 0.8 + 0.5 + 0.05
+                               + 0.2}
+  assert held['MLP'] == {'released': 0.0, 'area': 0.0}
+  assert stability.held_back([{'step': 0, 'loss': 1.0}]) == {}  # adamw
+
+
+def _fake_neutrality_run(calls):
+  def run_one(task, name, warmup, tau, lr, seed, steps, preset, data,
+              init_std=None, weight_floor=None, ramp_steps=None):
+    del tau, data, init_std, preset, ramp_steps
+    calls.append((name, warmup, lr, seed, steps, weight_floor))
+    # AdamW is best with 25 warmup steps; adamw2 trails it by 0.02 + 0.01 *
+    # seed nats at N (by a third of that at 4N); a weight_floor=2 rule is 0.1
+    # nats worse than the default at 10x.
+    if name == 'adamw':
+      score = 2.5 - (0.1 if warmup == 25 else 0.0)
+    else:
+      score = 2.4 + (0.02 + 0.01 * seed) / (1 if steps == 20 else 3)
+      score += 0.1 if weight_floor == 2 and lr > 0.05 else 0.0
+    held = {} if name == 'adamw' else {
+        'MLP': {'released': 12.0, 'area': 6.0 + seed}}
+    return {'task': task, 'setting': stability.label(name, warmup, None),
+            'lr': lr, 'seed': seed, 'score': score, 'min_entropy': 1.0,
+            'crashed': False, 'bound_active_thirds': [0.5, 0.0, 0.0],
+            'held_back': held}
+  return run_one
+
+
+def test_neutrality_grid_pairs_by_seed_and_resumes(tmp_path, monkeypatch):
+  """The bookkeeping of benchmarks/neutrality.py with a stand-in for
+  training (the real --quick run is the slow test below): AdamW's best
+  warmup is found at N and used at 4N, differences are paired by seed, both
+  sides are reported, and a second run trains nothing."""
+  import neutrality  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(stability, 'run_one', _fake_neutrality_run(calls))
+  out = str(tmp_path / 'neutrality')
+  argv = ['--tasks', 'gpt', '--inits', 'lecun', '--seeds', '0', '1',
+          '--steps', '20', '--warmups', '0', '25', '--multiples', '10',
+          '--variants', 'weight_floor=2', '--out', out]
+  neutrality.main(argv)
+  # N: 2 AdamW warmups + 2 rules x (best, best + program warmup, 10x); 4N:
+  # AdamW + 25 warmup and 2 rules x 2; both seeds.
+  assert len(calls) == 2 * (2 + 2 * 3) + 2 * (1 + 2 * 2)
+  assert {c[1] for c in calls if c[0] == 'adamw' and c[4] == 80} == {25}
+  text = open(out + '.md').read()
+  # adamw2 vs AdamW + 25 warmup, paired: -(0.02, 0.03) at N, half at 4N.
+  assert '| gpt | lecun | 20 | adamw + 25 warmup (2.400) | adamw2 (default) '\
+         '| -0.025 ± 0.005 (2) met' in text.replace('−', '-')
+  assert '| gpt | lecun | 80 |' in text and '-0.008 ± 0.002 (2) met' in (
+      text.replace('−', '-'))
+  # The safe side: weight_floor=2 is 0.1 nats worse than the default at 10x.
+  assert 'adamw2 weight_floor=2 | 2.525 (0/2) | -0.100 ± 0.000 (2) missed' in (
+      text.replace('−', '-'))
+  assert "Command: `python benchmarks/neutrality.py --tasks gpt --inits lecun" \
+         " --seeds 0 1 --steps 20" in text
+  # The self-timed warmup: MLP released at step 12, area 6.5 over the seeds,
+  # beside AdamW's best warmup (25: 12.5 held back).
+  assert '| 12 / 6 |' in text or '| 12 / 7 |' in text
+  assert '25 (12.5)' in text
+  for ext in ('json', 'png'):
+    assert os.path.getsize(f'{out}.{ext}') > 100
+  calls.clear()
+  neutrality.main(argv)
+  assert not calls
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures('one_device')
+def test_neutrality_quick_mode_trains(tmp_path):
+  import neutrality  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / 'neutrality')
+  runs = neutrality.main(['--quick', '--out', out])
+  assert len(runs) == 2 + 3 + 3  # N: 2 warmups + 3 adamw2; 4N: 3
+  assert all(np.isfinite(r['score']) for r in runs)
+  assert any(r['held_back'] for r in runs)
+  assert os.path.getsize(out + '.png') > 100
