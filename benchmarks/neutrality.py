@@ -143,7 +143,10 @@ def report(runs, args, rules, best):
       f'# Neutrality: {args.steps} and {4 * args.steps} steps, preset '
       f'{args.preset}', '',
       f"Device: {', '.join(sorted({r.get('device', '?') for r in runs}))}. "
-      f'{len(runs)} runs; seeds {args.seeds} at N, {args.long_seeds} at 4N. '
+      f'{len(runs)} runs; seeds '
+      f"{sorted({r['seed'] for r in runs if r['steps'] == args.steps})} at "
+      f"N, {sorted({r['seed'] for r in runs if r['steps'] != args.steps})} "
+      'at 4N (4N only where listed below). '
       'Command: `python benchmarks/neutrality.py' + ''.join(
           f' {a}' if a.isidentifier() or a.startswith('-') or a.replace(
               '.', '').isdigit() else f" '{a}'" for a in args.argv) + '`.',
@@ -310,6 +313,8 @@ def main(argv=None):
                  help="adamw2 rules besides the default, e.g. 'tau=0.05' "
                  f'(options: {", ".join(small_init.VARIANT_OPTIONS)})')
   p.add_argument('--workers', type=int, default=1)
+  p.add_argument('--report-only', action='store_true',
+                 help='tabulate the runs already in <out>.jsonl, run none')
   p.add_argument('--out', default=os.path.join(HERE, 'results',
                                                'neutrality'))
   args = p.parse_args(argv)
@@ -349,9 +354,10 @@ def main(argv=None):
             f'{r["steps"]} steps: {r["score"]:.3f}'
             + (' crashed' if r['crashed'] else ''), flush=True)
 
-  run(jobs_for(args, rules))
+  if not args.report_only:
+    run(jobs_for(args, rules))
   best = best_warmups(list(done.values()), args)
-  if args.long_seeds:
+  if args.long_seeds and not args.report_only:
     run(jobs_for(args, rules, best))
   runs = list(done.values())
   with open(args.out + '.json', 'w') as f:

@@ -358,6 +358,9 @@ def test_neutrality_grid_pairs_by_seed_and_resumes(tmp_path, monkeypatch):
   calls.clear()
   neutrality.main(argv)
   assert not calls
+  # A report of what ran: more seeds asked for, none trained.
+  neutrality.main(argv[:5] + ['0', '1', '2'] + argv[7:] + ['--report-only'])
+  assert not calls
 
 
 @pytest.mark.slow
