@@ -333,13 +333,8 @@ def main(argv=None):
   except ValueError as e:
     p.error(str(e))
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  done = {}
-  if os.path.exists(args.out + '.jsonl'):
-    with open(args.out + '.jsonl') as f:
-      for line in f:
-        r = json.loads(line)
-        if r.get('preset') == args.preset:
-          done[_key(r)] = r
+  done = small_init.read_runs(args.out + '.jsonl', _key,
+                              lambda r: r.get('preset') == args.preset)
   t0 = time.time()
 
   def run(jobs):

@@ -218,6 +218,19 @@ def plot(runs, tasks, inits, rows, lrs, path):
   plt.close(fig)
 
 
+def read_runs(path, key_of, keep) -> dict:
+  """The runs an earlier sweep appended to ``path`` (jsonl) that ``keep``
+  accepts, by ``key_of``: what a resumed sweep skips."""
+  done = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        r = json.loads(line)
+        if keep(r):
+          done[key_of(r)] = r
+  return done
+
+
 _DATA = {}
 
 
@@ -305,13 +318,8 @@ def main(argv=None):
     rows = rows[:2] + rows[-1:]
   rows += extra
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  done = {}
-  if os.path.exists(args.out + '.jsonl'):
-    with open(args.out + '.jsonl') as f:
-      for line in f:
-        r = json.loads(line)
-        if r.get('steps') == steps and r.get('preset') == preset:
-          done[key(r)] = r
+  done = read_runs(args.out + '.jsonl', key, lambda r: (
+      r.get('steps') == steps and r.get('preset') == preset))
   # Seed by seed, so that a stopped sweep has covered the whole grid once.
   todo = [(task, init, row, lr, seed) for seed in seeds
           for task in args.tasks for init in args.inits for row in rows
