@@ -278,20 +278,23 @@ def report(runs, args, rules, best):
   return '\n'.join(lines) + '\n'
 
 
-def plot(runs, args, rules, best, path):
+def plot(runs, args, rules, path):
   """Per task and init: the held-back area of each kind of matrix against
-  the rate (multiples of AdamW's best), beside AdamW's best warmup's L/2."""
+  the rate (multiples of AdamW's best), beside AdamW's best warmup's L/2 at
+  the rates where it ran."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   cells = [(t, i) for t in args.tasks for i in args.inits]
-  fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.6),
+  ncols = min(len(cells), 2)
+  nrows = -(-len(cells) // ncols)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.8 * nrows),
                            squeeze=False)
   mults = sorted(args.gentle) + [1] + list(args.multiples)
-  for ax, (task, init) in zip(axes[0], cells):
+  for ax, (task, init) in zip(axes.flat, cells):
     lr = BEST_LR[(task, init)]
-    for options in rules:
-      for g in GROUPS:
+    for k, options in enumerate(rules):
+      for color, g in enumerate(GROUPS):
         ys = []
         for m in mults:
           got = _mean(runs, task=task, init=init, setting=adamw2(options)[0],
@@ -299,18 +302,24 @@ def plot(runs, args, rules, best, path):
           vals = [r['held_back'][g]['area'] for r in got
                   if g in r.get('held_back', {})]
           ys.append(np.mean(vals) if vals else np.nan)
-        style = '-' if not options else '--'
-        ax.plot(mults, ys, 'o' + style, label=f'{g}, {adamw2(options)[0]}')
-    if (task, init) in best:
-      ax.axhline(best[(task, init)] / 2, color='k', lw=1, ls=':',
-                 label="AdamW's best warmup / 2")
+        if np.isnan(ys).all():
+          continue  # (the GPT's head is its tied embedding)
+        ax.plot(mults, ys, 'o' + ['-', '--', ':', '-.'][k % 4],
+                color=f'C{color}', label=f'{g}, {adamw2(options)[0]}')
+    tuned = [(m, best_warmups(runs, args, m).get((task, init)))
+             for m in mults if m <= 1]
+    tuned = [(m, w / 2) for m, w in tuned if w is not None]
+    if tuned:
+      ax.plot(*zip(*tuned), 'ks:', label="AdamW's best warmup / 2")
     ax.set_xscale('log')
     ax.set_xticks(mults, [f'{m:g}×' for m in mults])
     ax.minorticks_off()
     ax.set_xlabel("rate, multiple of AdamW's best")
     ax.set_ylabel('steps of lr held back')
     ax.set_title(f'{task}, init {init} (best {lr:g})')
-  axes[0, 0].legend(fontsize=6)
+  for ax in axes.flat[len(cells):]:
+    ax.axis('off')
+  axes.flat[min(2, len(cells) - 1)].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -395,7 +404,7 @@ def main(argv=None):
   text = report(runs, args, rules, best)
   with open(args.out + '.md', 'w') as f:
     f.write(text)
-  plot(runs, args, rules, best, args.out + '.png')
+  plot(runs, args, rules, args.out + '.png')
   print(text)
   return runs
 
