@@ -170,7 +170,7 @@ def report(runs, args, rules, best):
             '(Σ (1 − factor); a linear warmup of L steps holds back L/2), '
             f'mean over seeds, {args.steps} steps without warmup. '
             "AdamW's best warmup: the best of "
-            f'{args.warmups} at its best rate, whose lr it holds back by '
+            f'{args.warmups} at the row\'s rate (at N), whose lr it holds back by '
             'L/2.', '',
             '| task | init | rule | rate | ' + ' | '.join(GROUPS)
             + " | AdamW's best warmup (held back) |",
