@@ -147,7 +147,7 @@ def best_warmups(runs, args, mult=1):
   return out
 
 
-def report(runs, args, rules, best):
+def report(runs, args, rules):
   lines = [
       f'# Neutrality: {args.steps} and {4 * args.steps} steps, preset '
       f'{args.preset}', '',
@@ -170,8 +170,8 @@ def report(runs, args, rules, best):
             '(Σ (1 − factor); a linear warmup of L steps holds back L/2), '
             f'mean over seeds, {args.steps} steps without warmup. '
             "AdamW's best warmup: the best of "
-            f'{args.warmups} at the row\'s rate (at N), whose lr it holds back by '
-            'L/2.', '',
+            f'{args.warmups} at the row\'s rate (at N), whose lr it holds '
+            'back by L/2.', '',
             '| task | init | rule | rate | ' + ' | '.join(GROUPS)
             + " | AdamW's best warmup (held back) |",
             '|---|---|---|---|' + '---|' * len(GROUPS) + '---|']
@@ -203,8 +203,8 @@ def report(runs, args, rules, best):
             'AdamW without warmup is "fine" where it is within the target '
             'of AdamW with its best warmup: only there does the issue ask '
             'the self-timed warmup to be no longer than the tuned one.', '',
-            '| task | init | rate | steps | AdamW + best warmup (score) | AdamW, '
-            'no warmup, vs the same | rule | '
+            '| task | init | rate | steps | AdamW + best warmup (score) | '
+            'AdamW, no warmup, vs the same | rule | '
             'no warmup vs AdamW + best warmup | with the program\'s '
             f'{args.program_warmup}-step warmup vs the same | target |',
             '|---|---|---|---|---|---|---|---|---|---|']
@@ -401,7 +401,7 @@ def main(argv=None):
                'best_lr': {f'{t} {i}': v for (t, i), v in BEST_LR.items()},
                'best_warmup': {f'{t} {i}': v for (t, i), v in best.items()},
                'runs': runs}, f, indent=1)
-  text = report(runs, args, rules, best)
+  text = report(runs, args, rules)
   with open(args.out + '.md', 'w') as f:
     f.write(text)
   plot(runs, args, rules, args.out + '.png')
